@@ -1,0 +1,3 @@
+from d3s2.cli import main
+
+raise SystemExit(main())
