@@ -17,6 +17,8 @@ from d3s2.errors import D3S2Error
 
 COMMANDS: list[tuple[str, str]] = [
     ("selfcheck", "d3s2.selfcheck:add_parser"),
+    ("prepare", "d3s2.data.prepare:add_parser"),
+    ("prepare-merge", "d3s2.data.prepare:add_merge_parser"),
 ]
 
 

@@ -1,0 +1,214 @@
+"""Closest-point and winding-number queries on a triangle mesh, with two interchangeable back ends.
+
+- ``CpuQueries``: libigl (AABB tree closest points in float64; fast generalised winding number of Barill et al. 2018,
+  robust to holes and self-intersections).
+- ``WarpQueries``: NVIDIA warp (``wp.Mesh`` BVH; ``mesh_query_point_no_sign`` /
+  ``mesh_query_point_sign_winding_number``) on ``"cuda"`` or ``"cpu"`` (the warp CPU path is single-threaded: tests
+  only).
+
+Both answer the same two questions so that the sparse-SDF code above them is written once:
+``unsigned_distance(points, upper_bound)`` and ``inside(points)`` (generalised winding number > 1/2).
+Distances at or beyond ``upper_bound`` are returned as ``inf``: the band code only needs to know they are too far, and a
+bounded search is several times faster.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from d3s2.errors import D3S2Error
+
+__all__ = ["CpuQueries", "WarpQueries", "make_queries", "resolve_backend", "warp_cuda_available"]
+
+_CHUNK = 1 << 22  # points per call: bounds the memory of the per-point outputs (closest points etc.)
+_FAR = 1e30
+
+
+def warp_cuda_available() -> bool:
+    """warp-lang importable and a CUDA device visible (asks PyTorch first, so CPU machines never start warp's CUDA
+    probe, which prints driver warnings)."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return False
+    except ImportError:
+        pass
+    try:
+        import warp as wp
+    except ImportError:
+        return False
+    try:
+        wp.config.quiet = True
+        wp.init()
+        return wp.get_cuda_device_count() > 0
+    except Exception:
+        return False
+
+
+def resolve_backend(backend: str = "auto", device: str | None = None) -> tuple[str, str | None]:
+    """``"auto"`` -> warp on CUDA when a GPU and warp-lang are present, else libigl on the CPU.
+
+    Returns ``(backend, device)`` with backend in {"cpu", "warp"}; device is the warp device (``"cuda"``/``"cpu"``...).
+    """
+    if backend not in ("auto", "cpu", "warp"):
+        raise D3S2Error(f"unknown SDF backend {backend!r}; use 'auto', 'cpu' or 'warp'")
+    if backend == "auto":
+        if device is not None and str(device).startswith("cuda"):
+            backend = "warp"
+        elif device is None and warp_cuda_available():
+            backend, device = "warp", "cuda"
+        else:
+            backend = "cpu"
+    if backend == "warp":
+        try:
+            import warp  # noqa: F401
+        except ImportError as exc:
+            raise D3S2Error("backend 'warp' needs warp-lang: `pip install warp-lang` (or use backend='cpu')") from exc
+        if device is None:
+            device = "cuda" if warp_cuda_available() else "cpu"
+    return backend, device
+
+
+class CpuQueries:
+    """libigl queries (multi-threaded C++) on one mesh; float64."""
+
+    def __init__(self, vertices: np.ndarray, faces: np.ndarray):
+        try:
+            import igl
+        except ImportError as exc:
+            raise D3S2Error("backend 'cpu' needs libigl: `pip install libigl` (or the d3s2[data] extra)") from exc
+        self._igl = igl
+        self.V = np.ascontiguousarray(vertices, dtype=np.float64)
+        self.F = np.ascontiguousarray(faces, dtype=np.int64)
+
+    def _sd(self, points, sign_type, upper_bound):
+        igl = self._igl
+        points = np.ascontiguousarray(points, dtype=np.float64).reshape(-1, 3)
+        out = np.empty(len(points), dtype=np.float64)
+        ub = float("inf") if upper_bound is None else float(upper_bound)
+        for s in range(0, len(points), _CHUNK):
+            d, _, _, _ = igl.signed_distance(points[s : s + _CHUNK], self.V, self.F, sign_type, upper_bound=ub)
+            out[s : s + _CHUNK] = d
+        if upper_bound is not None:
+            out[np.abs(out) >= ub] = np.inf
+        return out
+
+    def unsigned_distance(self, points: np.ndarray, upper_bound: float | None = None) -> np.ndarray:
+        if len(points) == 0:
+            return np.zeros(0)
+        return np.abs(self._sd(points, self._igl.SignedDistanceType.SIGNED_DISTANCE_TYPE_UNSIGNED, upper_bound))
+
+    def winding_number(self, points: np.ndarray) -> np.ndarray:
+        points = np.ascontiguousarray(points, dtype=np.float64).reshape(-1, 3)
+        out = np.empty(len(points), dtype=np.float64)
+        for s in range(0, len(points), _CHUNK):
+            out[s : s + _CHUNK] = self._igl.fast_winding_number(self.V, self.F, points[s : s + _CHUNK])
+        return out
+
+    def inside(self, points: np.ndarray, max_dist: float | None = None) -> np.ndarray:
+        """Winding number > 1/2 (``max_dist``: unused here, see WarpQueries.inside)."""
+        if len(points) == 0:
+            return np.zeros(0, dtype=bool)
+        return self.winding_number(points) > 0.5
+
+
+def _torch_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def _warp_kernels():
+    from d3s2.data.warp_kernels import kernels
+
+    return kernels()
+
+
+class WarpQueries:
+    """warp BVH queries (float32) on one mesh, on ``device`` ("cuda", "cuda:0", "cpu")."""
+
+    def __init__(
+        self,
+        vertices: np.ndarray,
+        faces: np.ndarray,
+        device: str = "cuda",
+        winding_accuracy: float = 2.0,
+        transfer: str = "auto",
+    ):
+        import warp as wp
+
+        wp.config.quiet = True
+        wp.init()
+        self._wp = wp
+        self.device = device
+        if transfer not in ("auto", "torch", "warp"):
+            raise D3S2Error(f"unknown transfer {transfer!r}; use 'auto', 'torch' or 'warp'")
+        if transfer == "auto":  # host<->GPU copies through PyTorch (a d3s2 dependency) on CUDA, warp's own otherwise
+            transfer = "torch" if str(device).startswith("cuda") and _torch_cuda() else "warp"
+        self.transfer = transfer
+        self.accuracy = float(winding_accuracy)
+        self._kernels = _warp_kernels()
+        self.mesh = wp.Mesh(
+            points=wp.array(np.ascontiguousarray(vertices, dtype=np.float32), dtype=wp.vec3, device=device),
+            indices=wp.array(np.ascontiguousarray(faces, dtype=np.int32).reshape(-1), dtype=wp.int32, device=device),
+            support_winding_number=True,
+        )
+
+    def _run(self, kernel, points, args, out_dtype):
+        wp = self._wp
+        points = np.ascontiguousarray(points, dtype=np.float32).reshape(-1, 3)
+        n = len(points)
+        np_dtype = np.float32 if out_dtype is float else np.int32
+        if n == 0:
+            return np.zeros(0, dtype=np_dtype)
+        chunk = 1 << 24 if self.device != "cpu" else _CHUNK
+        res = []
+        for s in range(0, n, chunk):
+            if self.transfer == "torch":
+                import torch
+
+                dev = torch.device(self.device)
+                pt = torch.from_numpy(points[s : s + chunk]).to(dev)
+                ot = torch.empty(len(pt), dtype=torch.float32 if out_dtype is float else torch.int32, device=dev)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                p = wp.from_torch(pt, dtype=wp.vec3)
+                o = wp.from_torch(ot)
+                wp.launch(kernel, dim=len(pt), inputs=[self.mesh.id, p, *args, o], device=self.device)
+                wp.synchronize_device(self.device)
+                res.append(ot.cpu().numpy())
+            else:
+                p = wp.array(points[s : s + chunk], dtype=wp.vec3, device=self.device)
+                o = wp.empty(len(p), dtype=out_dtype, device=self.device)
+                wp.launch(kernel, dim=len(p), inputs=[self.mesh.id, p, *args, o], device=self.device)
+                res.append(o.numpy())
+        return np.concatenate(res)
+
+    def unsigned_distance(self, points: np.ndarray, upper_bound: float | None = None) -> np.ndarray:
+        ub = 1.0e6 if upper_bound is None else float(upper_bound)
+        d = self._run(self._kernels[0], points, (ub,), float).astype(np.float64)
+        d[d >= min(ub, 1e29)] = np.inf
+        return d
+
+    def inside(self, points: np.ndarray, max_dist: float | None = None) -> np.ndarray:
+        """Winding number > 1/2. warp computes the sign inside a closest-point query: ``max_dist`` (a bound on the
+        points' distances, known to the band code) prunes that search; points it misses are asked again unbounded."""
+        md = 1.0e6 if max_dist is None else float(max_dist)
+        res = self._run(self._kernels[1], points, (md, self.accuracy), self._wp.int32)
+        missed = res < 0
+        if missed.any():
+            res[missed] = self._run(
+                self._kernels[1], np.asarray(points)[missed], (1.0e6, self.accuracy), self._wp.int32
+            )
+        return res > 0
+
+
+def make_queries(vertices, faces, backend: str = "auto", device: str | None = None):
+    backend, device = resolve_backend(backend, device)
+    if backend == "warp":
+        return WarpQueries(vertices, faces, device=device)
+    return CpuQueries(vertices, faces)

@@ -1,0 +1,132 @@
+"""Training data sets over a prepared folder: SparseSDFDataset (multi-resolution), ImageLatentDataset, collates."""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pybullet_data = pytest.importorskip("pybullet_data")
+pytest.importorskip("trimesh")
+pytest.importorskip("igl")
+
+from d3s2.data.datasets import (  # noqa: E402
+    ImageLatentDataset,
+    MultiResolutionBatchSampler,
+    SparseSDFDataset,
+    collate_image_latent,
+    collate_sparse_sdf,
+)
+from d3s2.data.multires import resample_sparse_sdf  # noqa: E402
+from d3s2.data.prepare import PrepareConfig, run_prepare  # noqa: E402
+from d3s2.data.sparse_sdf import load_sparse_sdf  # noqa: E402
+from d3s2.errors import D3S2Error  # noqa: E402
+from d3s2.sparse import SparseTensor  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ds")
+    src = Path(pybullet_data.getDataPath())
+    (root / "m").mkdir()
+    shutil.copy(src / "duck_vhacd.obj", root / "m" / "a.obj")
+    shutil.copy(src / "cube.obj", root / "m" / "b.obj")
+    out = root / "out"
+    s = run_prepare(
+        root / "m",
+        out,
+        PrepareConfig(resolutions=(64,), views=3, image_size=24, supersample=1, tau=1 / 16),
+        progress=False,
+    )
+    assert s.done == 2
+    return out
+
+
+def test_sparse_sdf_dataset_multires(prepared):
+    ds = SparseSDFDataset(prepared, resolutions=(32, 64), seed=1)
+    assert len(ds) == 2
+    direct = ds[(0, 64)]
+    item = ds.items[0]
+    ref = load_sparse_sdf(Path(item["dir"]) / "sdf_64.npz")
+    assert direct["resolution"] == 64 and direct["coords"].dtype == torch.int64
+    np.testing.assert_array_equal(direct["coords"].numpy(), ref.coords.astype(np.int64))
+    np.testing.assert_array_equal(direct["sdf"][:, 0].numpy(), ref.sdf.astype(np.float32))
+    np.testing.assert_array_equal(direct["sharp"].numpy(), ref.sharp)
+    assert direct["sharp"].any()
+
+    low = ds[(0, 32)]  # not prepared: derived from 64 by trilinear resampling (Sec. 3.3)
+    exp = resample_sparse_sdf(ref, 32)
+    assert low["resolution"] == 32 and len(low["coords"]) == len(exp) > 0
+    assert int(low["coords"].max()) < 32
+    np.testing.assert_array_equal(low["sdf"][:, 0].numpy(), exp.sdf.astype(np.float32))
+
+    # random resolution per index: from the set, reproducible, changes with the epoch
+    draws = [ds[i % 2]["resolution"] for i in range(12)]
+    assert set(draws) <= {32, 64}
+    again = SparseSDFDataset(prepared, resolutions=(32, 64), seed=1)
+    assert [again[i % 2]["resolution"] for i in range(12)] == draws
+
+
+def test_batch_sampler_and_collate(prepared):
+    ds = SparseSDFDataset(prepared, resolutions=(32, 64))
+    sampler = MultiResolutionBatchSampler(len(ds), batch_size=2, resolutions=(32, 64), seed=0)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate_sparse_sdf)
+    seen = set()
+    for epoch in range(6):
+        sampler.set_epoch(epoch)
+        for batch in loader:
+            x = batch["sdf"]
+            assert isinstance(x, SparseTensor)
+            r = batch["resolution"]
+            seen.add(r)
+            parts = [
+                ds[(ds.items.index(next(it for it in ds.items if it["item_id"] == i)), r)] for i in batch["item_ids"]
+            ]
+            assert x.batch_size == 2 and x.resolution == r
+            assert x.feats.shape == (sum(len(p["sdf"]) for p in parts), 1)
+            assert batch["sharp"].shape == (x.feats.shape[0],)
+            off = 0
+            for b, p in enumerate(parts):  # rows in batch order, sample b's rows carry batch index b
+                n = len(p["sdf"])
+                assert (x.coords[off : off + n, 0] == b).all()
+                np.testing.assert_array_equal(x.coords[off : off + n, 1:].numpy(), p["coords"].numpy())
+                np.testing.assert_array_equal(x.feats[off : off + n].numpy(), p["sdf"].numpy())
+                np.testing.assert_array_equal(batch["sharp"][off : off + n].numpy(), p["sharp"].numpy())
+                off += n
+    assert seen == {32, 64}
+    with pytest.raises(D3S2Error, match="mixes resolutions"):
+        collate_sparse_sdf([ds[(0, 32)], ds[(1, 64)]])
+
+
+def test_image_latent_dataset(prepared):
+    rng = np.random.default_rng(0)
+    ds_sdf = ImageLatentDataset(prepared, resolution=64, source="sdf", seed=3)
+    assert len(ds_sdf) == 2
+    s = ds_sdf[0]
+    assert s["image"].shape == (3, 24, 24) and s["mask"].shape == (1, 24, 24)
+    assert 0 < s["mask"].mean() < 1 and set(torch.unique(s["mask"]).tolist()) <= {0.0, 1.0}
+    assert float(s["image"][:, s["mask"][0] == 0].abs().max()) == 0.0  # straight RGB: zero outside the object
+    assert s["feats"].shape == (len(s["coords"]), 1) and 0 <= s["view"] < 3
+    assert s["camera"]["file"].endswith(f"{s['view']:03d}.png")
+    views = set()
+    for epoch in range(12):
+        ds_sdf.set_epoch(epoch)
+        views.add(ds_sdf[0]["view"])
+    assert len(views) > 1  # fresh views across epochs
+    ds_sdf.set_epoch(0)
+
+    white = ImageLatentDataset(prepared, resolution=64, source="sdf", seed=3, background=1.0)[0]
+    assert torch.allclose(white["image"][:, s["mask"][0] == 0], torch.ones(1))
+
+    for it in ds_sdf.items:  # latents as the VAE encoder would write them
+        n = int(rng.integers(5, 20))
+        np.savez(Path(it["dir"]) / "latent_16.npz", coords=rng.integers(0, 16, (n, 3)), feats=rng.normal(size=(n, 8)))
+    ds = ImageLatentDataset(prepared, resolution=16, source="latent")
+    batch = collate_image_latent([ds[0], ds[1]])
+    x = batch["x"]
+    assert isinstance(x, SparseTensor) and x.batch_size == 2 and x.feats.shape[1] == 8
+    assert x.feats.shape[0] == len(ds[0]["coords"]) + len(ds[1]["coords"])
+    assert batch["image"].shape == (2, 3, 24, 24) and batch["mask"].shape == (2, 1, 24, 24)
+    with pytest.raises(D3S2Error, match="no item"):
+        ImageLatentDataset(prepared, resolution=128, source="latent")
