@@ -1,0 +1,116 @@
+"""Fused selection-block scoring and top-k (paper Eq. 8; the paper names top-k as its forward bottleneck, Sec. 8).
+
+For a tile of ``BLOCK_T`` queries x the GQA group's ``G`` query heads (one KV head), the kernel recomputes the
+compression-attention probabilities ``p = exp(q.k_cmp * scale - lse)`` from q, the compressed keys and the LSE of the
+compression forward, sums them over the group's heads and over the compression blocks inside each selection block, and
+keeps a running top-k of selection blocks in registers. Nothing of size [heads, N, N_cmp] (or [N, N_slc]) is ever
+written to memory.
+
+Candidates are packed into int64 keys ``(float_bits(score) << 32) | block`` (scores are >= 0, so the float bit pattern
+orders like the value; keys are unique), so a max reduction carries the block index with the score. Each chunk of
+``BLOCK_S`` selection blocks is merged into the running top-k by ``K_PAD`` rounds of max/min reductions. The compression blocks of selection block ``s`` are ``slc_cmp_start[s] + r`` for
+``r < slc_cmp_count[s]`` (contiguous by the layout's sub-block order); the kernel loops over the slot ``r``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from d3s2.ops.ssa.kernels.varlen_attention import LOG2E, _prec, tile_config
+from d3s2.ops.ssa.layout import SSALayout
+
+__all__ = ["score_topk_triton"]
+
+
+@triton.jit
+def score_topk_kernel(
+    Q, KC, LSE, SLC_LO, SLC_HI, SLC_CMP_START, SLC_CMP_COUNT, IDX, SCORE,
+    n_q, H, HKV, sq_n, sq_h, sk_n, sk_h,
+    scale_log2, R,
+    TOPK: tl.constexpr, K_PAD: tl.constexpr, BLOCK_S: tl.constexpr, NONE: tl.constexpr,
+    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    kvh = tl.program_id(1)
+    M: tl.constexpr = BLOCK_T * G_PAD
+    r = tl.arange(0, M)
+    tok = pid * BLOCK_T + r // G_PAD
+    hh = r % G_PAD
+    row_ok = (tok < n_q) & (hh < G)
+    tok64 = tok.to(tl.int64)
+    head = kvh * G + hh
+    d = tl.arange(0, D)
+    q = tl.load(Q + tok64[:, None] * sq_n + head[:, None] * sq_h + d[None, :], mask=row_ok[:, None], other=0.0)
+    lse2 = tl.load(LSE + tok64 * H + head, mask=row_ok, other=0.0) * 1.4426950408889634
+    t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = t < n_q
+    lo = tl.load(SLC_LO + t, mask=t_ok, other=2147483647)
+    hi = tl.load(SLC_HI + t, mask=t_ok, other=0)
+    start = tl.min(lo, axis=0)
+    end = tl.max(hi, axis=0)
+    kk = tl.arange(0, K_PAD)
+    # running top-k (unordered); empty slots hold distinct negative sentinels so that "the minimum" is one slot
+    top = tl.zeros([BLOCK_T, K_PAD], tl.int64) - 1 - kk[None, :].to(tl.int64)
+    for s0 in range(start, end, BLOCK_S):
+        sb = s0 + tl.arange(0, BLOCK_S)
+        smask = sb < end
+        cstart = tl.load(SLC_CMP_START + sb, mask=smask, other=0)
+        ccount = tl.load(SLC_CMP_COUNT + sb, mask=smask, other=0)
+        acc = tl.zeros([BLOCK_T, BLOCK_S], tl.float32)
+        for slot in range(0, R):
+            cvalid = slot < ccount
+            cidx = (cstart + slot).to(tl.int64)
+            kc = tl.load(KC + cidx[:, None] * sk_n + kvh * sk_h + d[None, :], mask=cvalid[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(kc), input_precision=PREC) * scale_log2
+            p = tl.where(row_ok[:, None] & cvalid[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+            acc += tl.sum(tl.reshape(p, (BLOCK_T, G_PAD, BLOCK_S)), axis=1)
+        valid = (sb[None, :] >= lo[:, None]) & (sb[None, :] < hi[:, None])
+        bits = acc.to(tl.int32, bitcast=True).to(tl.int64)
+        key = tl.where(valid, (bits << 32) | sb[None, :].to(tl.int64), NONE)
+        # merge: K_PAD rounds of "best candidate replaces the worst kept one if better" (max/min reductions only;
+        # tl.sort is avoided: it is slow under the interpreter and not needed for a k of 8..32)
+        for _i in tl.static_range(K_PAD):
+            c = tl.max(key, axis=1)
+            tmin = tl.min(top, axis=1)
+            take = c > tmin
+            top = tl.where((top == tmin[:, None]) & take[:, None], c[:, None], top)
+            key = tl.where(key == c[:, None], NONE, key)
+    # order best first
+    res = tl.zeros([BLOCK_T, K_PAD], tl.int64) - 1
+    for i in tl.static_range(K_PAD):
+        mx = tl.max(top, axis=1)
+        res = tl.where(kk[None, :] == i, mx[:, None], res)
+        top = tl.where(top == mx[:, None], NONE, top)
+    top = res
+    idx = tl.where(top >= 0, (top & 0xFFFFFFFF).to(tl.int32), -1)
+    score = tl.where(top >= 0, (top >> 32).to(tl.int32).to(tl.float32, bitcast=True), float("-inf"))
+    out = (t.to(tl.int64)[:, None] * HKV + kvh) * TOPK + kk[None, :]
+    omask = t_ok[:, None] & (kk[None, :] < TOPK)
+    tl.store(IDX + out, idx, mask=omask)
+    tl.store(SCORE + out, score, mask=omask)
+
+
+TUNING = {"rows": 128, "block_s": 64, "num_warps": 4}
+
+
+def score_topk_triton(q, k_cmp, lse, layout: SSALayout, top_k: int, scale: float):
+    """Top-k selection blocks per (query, KV head): (idx [N, Hkv, top_k] int32 best first, -1 = none;
+    score [N, Hkv, top_k] float32). Not differentiable (the selection is a discrete choice)."""
+    q, k_cmp = q.contiguous(), k_cmp.contiguous()
+    n, h, d = q.shape
+    hkv = k_cmp.shape[1]
+    g = h // hkv
+    g_pad, block_t = tile_config(g, TUNING["rows"])
+    k_pad = triton.next_power_of_2(top_k)
+    block_s = max(TUNING["block_s"], k_pad)
+    idx = torch.empty(n, hkv, top_k, dtype=torch.int32, device=q.device)
+    score = torch.empty(n, hkv, top_k, dtype=torch.float32, device=q.device)
+    score_topk_kernel[(triton.cdiv(n, block_t), hkv)](
+        q, k_cmp, lse, layout.token_slc_lo, layout.token_slc_hi, layout.slc_cmp_start, layout.slc_cmp_count, idx, score,
+        n, h, hkv, q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), scale * LOG2E, layout.cmp_per_slc,
+        TOPK=top_k, K_PAD=k_pad, NONE=-(2**62), BLOCK_S=block_s, G=g, G_PAD=g_pad, BLOCK_T=block_t, D=d, PREC=_prec(q),
+        num_warps=TUNING["num_warps"],
+    )
+    return idx, score
