@@ -19,6 +19,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("selfcheck", "d3s2.selfcheck:add_parser"),
     ("prepare", "d3s2.data.prepare:add_parser"),
     ("prepare-merge", "d3s2.data.prepare:add_merge_parser"),
+    ("train", "d3s2.train.command:add_parser"),
 ]
 
 

@@ -1,0 +1,201 @@
+"""Training YAML schema (issue 5, paper Sec. 5.2 / Table 1): dataclasses parsed with :func:`d3s2.config.from_dict`.
+
+A training file looks like::
+
+    task: dense_vae                 # a registered task (d3s2.train.tasks.TASK_REGISTRY)
+    model: dense_vae_tiny           # a model config name / path, or inline {model: ..., params: {...}, flow: {...}}
+    task_args: {...}                # task-specific settings (e.g. the frozen VAE of the DiT task)
+    data: {root: prepared/, resolutions: [32, 64], batch_size: 2, workers: 0}
+    optim: {lr: 1.0e-4, weight_decay: 0.0, betas: [0.9, 0.999], grad_clip: 1.0}
+    schedule: {warmup_steps: 100, decay: cosine, min_lr_ratio: 0.1}
+    phases:                         # progressive resolution (Table 1); empty: one phase of max_steps
+      - {steps: 1000, resolution: 256, lr: 1.0e-4, batch_size: 8}
+    precision: auto                 # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
+    ema: {decay: 0.9999, every: 1}
+    checkpoint: {dir: runs/x/checkpoints, every: 1000, keep: 3}
+    log: {dir: runs/x, every: 10, tensorboard: true, progress: true}
+    validate: {every: 0, items: 2}
+    distributed: {strategy: ddp}    # ddp | fsdp (FSDP2 fully_shard, torch >= 2.6)
+    seed: 0
+    max_steps: 10000
+    resume: auto                    # never | auto (continue from the latest checkpoint when there is one)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from d3s2.config import from_dict
+from d3s2.errors import D3S2Error
+
+__all__ = [
+    "DataConfig",
+    "OptimConfig",
+    "ScheduleConfig",
+    "PhaseConfig",
+    "EMAConfig",
+    "CheckpointConfig",
+    "LogConfig",
+    "ValidateConfig",
+    "DistributedConfig",
+    "TrainConfig",
+    "parse_train_config",
+    "apply_overrides",
+]
+
+
+@dataclass
+class DataConfig:
+    root: str = ""
+    resolutions: list[int] = field(default_factory=lambda: [256, 384, 512])  # multi-resolution set (Sec. 3.3)
+    resolution_weights: list[float] | None = None
+    batch_size: int = 1  # per process
+    workers: int = 0
+    val_root: str | None = None  # validation items (default: root)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping (the norm is still logged)
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_steps: int = 0
+    decay: str = "constant"  # constant | cosine (over the whole run, to min_lr_ratio * lr)
+    min_lr_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.decay not in ("constant", "cosine"):
+            raise D3S2Error(f"schedule.decay must be 'constant' or 'cosine', got {self.decay!r}")
+
+
+@dataclass
+class PhaseConfig:
+    """One progressive-resolution phase (a row of Table 1)."""
+
+    steps: int
+    resolution: int | None = None  # None: draw from data.resolutions each step (multi-resolution)
+    lr: float | None = None  # None: optim.lr
+    batch_size: int | None = None  # per process; None: data.batch_size
+
+
+@dataclass
+class EMAConfig:
+    decay: float = 0.0  # 0 disables EMA
+    every: int = 1
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "checkpoints"
+    every: int = 1000
+    keep: int = 3
+    at_exit: bool = True
+
+
+@dataclass
+class LogConfig:
+    dir: str = "runs"
+    every: int = 1
+    tensorboard: bool = True  # used when the tensorboard package is installed; metrics.jsonl is always written
+    progress: bool = True
+    all_ranks: bool = False  # every rank writes metrics_rank<r>.jsonl (tests / debugging)
+
+
+@dataclass
+class ValidateConfig:
+    every: int = 0  # steps; 0 disables
+    items: int = 2
+    at_end: bool = False
+
+
+@dataclass
+class DistributedConfig:
+    strategy: str = "ddp"  # ddp | fsdp
+    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    find_unused_parameters: bool = False  # DDP: set when some parameters get no gradient in a step
+
+    def __post_init__(self) -> None:
+        if self.strategy not in ("ddp", "fsdp"):
+            raise D3S2Error(f"distributed.strategy must be 'ddp' or 'fsdp', got {self.strategy!r}")
+
+
+@dataclass
+class TrainConfig:
+    task: str
+    model: Any  # config name/path (str) or an inline model file mapping
+    task_args: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    phases: list[PhaseConfig] = field(default_factory=list)
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    device: str = "auto"  # auto | cpu | cuda
+    cpu_threads: int | None = None  # torch.set_num_threads for this run (None: torch's default)
+    seed: int = 0
+    max_steps: int | None = None
+    resume: str = "never"  # never | auto
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise D3S2Error(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.resume not in ("never", "auto"):
+            raise D3S2Error(f"resume must be 'never' or 'auto', got {self.resume!r}")
+        if not self.phases:
+            if not self.max_steps:
+                raise D3S2Error("give max_steps or a list of phases (each with steps)")
+            self.phases = [PhaseConfig(steps=self.max_steps)]
+        for i, p in enumerate(self.phases):
+            if p.steps < 1:
+                raise D3S2Error(f"phases[{i}].steps must be >= 1")
+        if self.max_steps is None:
+            self.max_steps = sum(p.steps for p in self.phases)
+
+    @property
+    def total_steps(self) -> int:
+        return int(self.max_steps)
+
+    def phase_at(self, step: int) -> tuple[int, PhaseConfig]:
+        """(index, phase) for 0-based ``step``; steps past the last phase stay in it."""
+        end = 0
+        for i, p in enumerate(self.phases):
+            end += p.steps
+            if step < end:
+                return i, p
+        return len(self.phases) - 1, self.phases[-1]
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """``["optim.lr=1e-3", "max_steps=10"]`` -> nested updates (values parsed as YAML)."""
+    import yaml
+
+    for item in overrides:
+        if "=" not in item:
+            raise D3S2Error(f"--set expects KEY=VALUE (e.g. optim.lr=1e-3), got {item!r}")
+        key, value = item.split("=", 1)
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise D3S2Error(f"--set {key}: '{p}' is not a section")
+        node[parts[-1]] = yaml.safe_load(value)
+    return data
+
+
+def parse_train_config(data: dict, where: str = "train config") -> TrainConfig:
+    if "task" not in data or "model" not in data:
+        raise D3S2Error(f"{where}: needs 'task:' and 'model:' (see d3s2/configs/train_dense_vae_tiny.yaml)")
+    return from_dict(TrainConfig, data, where)

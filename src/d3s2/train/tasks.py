@@ -1,0 +1,531 @@
+"""Training tasks: one small adapter per stage, one trainer for all (issue 5).
+
+A task turns a :class:`~d3s2.train.config.TrainConfig` into
+
+* ``build_module()``: the trainable *train module*, an ``nn.Module`` whose ``forward(batch)`` returns
+  ``{"loss": scalar, <term>: scalar, ...}`` (so DDP / FSDP wrap one module and see the whole loss in ``forward``);
+* ``build_dataset(split)``: a map-style data set indexed by keys ``(item_index, resolution, epoch)``, and ``collate``;
+* ``prepare_batch(batch)``: on-device work outside the trainable graph (e.g. encoding with a frozen VAE);
+* ``batch_stats(batch)``: ``{"samples": B, "tokens": N}`` for throughput;
+* ``validate(module, batch)``: metrics of a validation batch (optional).
+
+Registration hook (for ``ss_vae`` / ``ss_dit`` and any later stage)::
+
+    from d3s2.train.tasks import Task, register_task
+
+    @register_task("ss_dit")
+    class SparseDiTTask(Task):
+        ...
+
+or, without importing that module here, add a lazily imported ``"module:Class"`` string:
+``TASK_REGISTRY["ss_dit"] = "d3s2.train.ss_dit_task:SparseDiTTask"``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from d3s2.config import MODEL_REGISTRY, ModelFileConfig, from_dict, load_model_config
+from d3s2.errors import D3S2Error
+from d3s2.train.config import TrainConfig
+
+__all__ = ["Task", "TASK_REGISTRY", "register_task", "build_task", "model_config_from", "DenseVAETask", "DenseDiTTask",
+           "SSVAETask"]
+
+TASK_REGISTRY: dict[str, Any] = {}
+
+
+def register_task(name: str) -> Callable[[type], type]:
+    def deco(cls: type) -> type:
+        TASK_REGISTRY[name] = cls
+        cls.name = name
+        return cls
+
+    return deco
+
+
+def build_task(cfg: TrainConfig, device: torch.device) -> "Task":
+    entry = TASK_REGISTRY.get(cfg.task)
+    if entry is None:
+        raise D3S2Error(f"unknown task '{cfg.task}' (known: {', '.join(sorted(TASK_REGISTRY))})")
+    if isinstance(entry, str):
+        module, cls = entry.split(":")
+        entry = getattr(importlib.import_module(module), cls)
+    return entry(cfg, device)
+
+
+def model_config_from(spec: Any, where: str = "model") -> ModelFileConfig:
+    """A model config name / path, or an inline mapping ``{model: name, params: {...}, flow: {...}}``."""
+    if isinstance(spec, str):
+        return load_model_config(spec)
+    if not isinstance(spec, dict) or "model" not in spec:
+        raise D3S2Error(
+            f"{where}: give a model config name (e.g. dense_vae_tiny) or a mapping with 'model:' and 'params:'"
+        )
+    from d3s2.flow.rectified import FlowConfig
+    from d3s2.flow.sampler import SamplerConfig
+
+    unknown = set(spec) - {"model", "params", "flow", "sampler"}
+    if unknown:
+        raise D3S2Error(f"{where}: unknown key '{sorted(unknown)[0]}' (valid: flow, model, params, sampler)")
+    name = spec["model"]
+    if name not in MODEL_REGISTRY:
+        raise D3S2Error(f"{where}: unknown model '{name}' (known: {', '.join(sorted(MODEL_REGISTRY))})")
+    module, cls = MODEL_REGISTRY[name].split(":")
+    mcls = getattr(importlib.import_module(module), cls)
+    return ModelFileConfig(
+        model=name,
+        params=from_dict(mcls.config_class, spec.get("params"), f"{where}.params"),
+        flow=from_dict(FlowConfig, spec["flow"], f"{where}.flow") if "flow" in spec else None,
+        sampler=from_dict(SamplerConfig, spec["sampler"], f"{where}.sampler") if "sampler" in spec else None,
+    )
+
+
+def _check_args(args: dict, allowed: dict[str, Any], task: str) -> dict:
+    unknown = set(args) - set(allowed)
+    if unknown:
+        raise D3S2Error(
+            f"task_args: unknown key '{sorted(unknown)[0]}' for task {task} (valid: {', '.join(sorted(allowed))})"
+        )
+    return {**allowed, **args}
+
+
+class Task:
+    name = "task"
+    task_args: dict[str, Any] = {}
+    # validate() only calls the train module's forward (FSDP2 gathers parameters in forward hooks only)
+    validate_under_fsdp = False
+
+    def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
+        self.cfg, self.device = cfg, device
+        self.args = _check_args(cfg.task_args, type(self).task_args, self.name)
+
+    def build_module(self) -> nn.Module:
+        raise NotImplementedError
+
+    def build_dataset(self, split: str = "train") -> torch.utils.data.Dataset:
+        raise NotImplementedError
+
+    def collate(self, items: list[dict]) -> dict:
+        return torch.utils.data.default_collate(items)
+
+    def prepare_batch(self, batch: dict) -> dict:
+        return batch
+
+    def batch_stats(self, batch: dict) -> dict[str, float]:
+        return {"samples": float(len(batch.get("item_ids", [])))}
+
+    def validate(self, module: nn.Module, batch: dict) -> dict[str, float]:
+        out = module(batch)
+        return {f"val_{k}": float(v) for k, v in out.items() if torch.is_tensor(v) and v.ndim == 0}
+
+    def to_device(self, batch: dict) -> dict:
+        return {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Structure stage: dense occupancy VAE (Sec. 5.2, "an extra DiT to predict the indices")
+
+
+def occupancy_from_coords(coords: torch.Tensor, resolution: int, occ_res: int) -> torch.Tensor:
+    """Voxel coords [N, 3] at ``resolution`` -> uint8 occupancy [occ_res]^3 of the blocks ``coords // (R/occ_res)``."""
+    if resolution % occ_res:
+        raise D3S2Error(f"SDF resolution {resolution} is not a multiple of the occupancy resolution {occ_res}")
+    occ = torch.zeros((occ_res,) * 3, dtype=torch.uint8)
+    c = (coords.long() // (resolution // occ_res)).clamp_(0, occ_res - 1)
+    occ[c[:, 0], c[:, 1], c[:, 2]] = 1
+    return occ
+
+
+class _OccupancyDataset(torch.utils.data.Dataset):
+    def __init__(self, root: str, occ_res: int, seed: int) -> None:
+        from d3s2.data.datasets import SparseSDFDataset
+
+        self.sdf = SparseSDFDataset(root, resolutions=(occ_res,), seed=seed)
+        self.occ_res = occ_res
+
+    def __len__(self) -> int:
+        return len(self.sdf)
+
+    def __getitem__(self, key) -> dict:
+        index, resolution, _epoch = key
+        it = self.sdf[(index, resolution)]
+        return {"occ": occupancy_from_coords(it["coords"], it["resolution"], self.occ_res), "item_id": it["item_id"]}
+
+
+def _collate_occ(items: list[dict]) -> dict:
+    return {"occ": torch.stack([i["occ"] for i in items]), "item_ids": [i["item_id"] for i in items]}
+
+
+class DenseVAETrainModule(nn.Module):
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        out = self.vae.loss(batch["occ"])
+        return {"loss": out["loss"], "bce": out["bce"].detach(), "kl": out["kl"].detach()}
+
+
+def _occupied_points(occ: torch.Tensor) -> torch.Tensor:
+    r = occ.shape[-1]
+    return -1.0 + (torch.nonzero(occ).float() + 0.5) * (2.0 / r)
+
+
+@register_task("dense_vae")
+class DenseVAETask(Task):
+    """Occupancy VAE on ``occ_res``^3 grids (64^3; tiny 32^3) from the prepared sparse SDFs.
+
+    The multi-resolution draw (Sec. 3.3) picks the SDF resolution of each batch from ``data.resolutions``; occupancy is
+    the set of blocks ``coords // (R / occ_res)`` holding a band voxel. ``occ_res`` defaults to the model's resolution.
+    Validation decodes the posterior mean and reports Chamfer distance / F-score between occupied voxel centres
+    (``d3s2.geometry.metrics``; units of the [-1, 1] cube, F-score threshold ``fscore_voxels`` voxels of ``occ_res``).
+    """
+
+    task_args = {"fscore_voxels": 1.0, "val_points": 4096}
+
+    def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
+        super().__init__(cfg, device)
+        self.model_cfg = model_config_from(cfg.model)
+        if self.model_cfg.model != "dense_vae":
+            raise D3S2Error(f"task dense_vae needs a dense_vae model config, got '{self.model_cfg.model}'")
+        self.occ_res = self.model_cfg.params.resolution
+
+    def build_module(self) -> nn.Module:
+        from d3s2.config import build_model
+
+        return DenseVAETrainModule(build_model(self.model_cfg))
+
+    def build_dataset(self, split: str = "train"):
+        root = self.cfg.data.val_root if split == "val" and self.cfg.data.val_root else self.cfg.data.root
+        return _OccupancyDataset(root, self.occ_res, self.cfg.seed)
+
+    def collate(self, items):
+        return _collate_occ(items)
+
+    def batch_stats(self, batch):
+        return {"samples": float(batch["occ"].shape[0]), "tokens": float(batch["occ"].numel())}
+
+    @torch.no_grad()
+    def validate(self, module: nn.Module, batch: dict) -> dict[str, float]:
+        from d3s2.geometry.metrics import chamfer_distance, f_score
+
+        vae = module.vae
+        occ = batch["occ"]
+        z, _, _ = vae.encode(occ, sample=False)
+        logits = vae.decode(z)
+        bce = float(F.binary_cross_entropy_with_logits(logits.float()[:, 0], occ.float()))
+        pred = logits[:, 0] >= 0  # sigmoid >= 0.5
+        cds, fss, ious = [], [], []
+        thr = self.args["fscore_voxels"] * 2.0 / self.occ_res
+        g = torch.Generator().manual_seed(0)
+        for b in range(occ.shape[0]):
+            gt, pr = occ[b].bool(), pred[b]
+            ious.append(float((gt & pr).sum()) / max(1.0, float((gt | pr).sum())))
+            p, q = _occupied_points(pr), _occupied_points(gt)
+            if len(p) == 0:  # nothing predicted: F-score 0, no Chamfer distance
+                fss.append(0.0)
+                continue
+            n = self.args["val_points"]
+            p = p[torch.randperm(len(p), generator=g)[:n].to(p.device)] if len(p) > n else p
+            q = q[torch.randperm(len(q), generator=g)[:n].to(q.device)] if len(q) > n else q
+            cds.append(float(chamfer_distance(p, q)))
+            fss.append(float(f_score(p, q, thr)))
+        out = {"val_bce": bce, "val_fscore": sum(fss) / len(fss), "val_iou": sum(ious) / len(ious)}
+        if cds:
+            out["val_chamfer"] = sum(cds) / len(cds)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Structure stage: dense DiT (rectified flow, Sec. 4.3) on latents of a frozen dense VAE, image-conditioned
+
+
+class TinyImageEncoder(nn.Module):
+    """Small trainable image tokenizer for CPU-size runs (stands in for DINOv2 ViT-L/14 of the paper).
+
+    RGB (resized to ``image_size``) -> non-overlapping ``patch``^2 patches -> Linear -> + learned position -> 1 block of
+    LayerNorm + MLP -> ``[B, (image_size / patch)^2, channels]``.
+    """
+
+    def __init__(self, channels: int, image_size: int = 32, patch: int = 8) -> None:
+        super().__init__()
+        if image_size % patch:
+            raise D3S2Error(f"tiny image encoder: image_size {image_size} is not a multiple of patch {patch}")
+        self.image_size, self.patch = image_size, patch
+        self.proj = nn.Conv2d(3, channels, patch, stride=patch)
+        self.pos = nn.Parameter(torch.randn(1, (image_size // patch) ** 2, channels) * 0.02)
+        self.norm = nn.LayerNorm(channels)
+        self.mlp = nn.Sequential(nn.Linear(channels, 2 * channels), nn.GELU(), nn.Linear(2 * channels, channels))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if image.shape[-1] != self.image_size or image.shape[-2] != self.image_size:
+            image = F.interpolate(image, size=(self.image_size,) * 2, mode="bilinear", align_corners=False)
+        h = self.proj(image * 2 - 1).flatten(2).transpose(1, 2) + self.pos
+        return h + self.mlp(self.norm(h))
+
+
+class DenseDiTTrainModule(nn.Module):
+    def __init__(self, dit: nn.Module, encoder: nn.Module, flow_cfg) -> None:
+        super().__init__()
+        self.dit, self.encoder, self.flow_cfg = dit, encoder, flow_cfg
+
+    def forward(self, batch: dict, t: torch.Tensor | None = None, eps: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        from d3s2.flow.rectified import flow_matching_loss
+
+        cond = self.encoder(batch["image"])
+        out = flow_matching_loss(self.dit, batch["x0"], cond, self.flow_cfg, generator=generator, t=t, eps=eps)
+        return {"loss": out["loss"], "t_mean": out["t"].mean().detach()}
+
+
+class _ImageOccupancyDataset(torch.utils.data.Dataset):
+    """(occupancy of the prepared SDF at the batch resolution, one random view) per item; view from (seed, epoch, i)."""
+
+    def __init__(self, root: str, occ_res: int, seed: int) -> None:
+        from d3s2.data.datasets import load_items
+
+        self.root, self.occ_res, self.seed = root, occ_res, seed
+        self.items = [it for it in load_items(root) if it.get("views") and it.get("sdf")]
+        if not self.items:
+            raise D3S2Error(f"{root}: no item has both renders and sparse SDFs; run `d3s2 prepare` with --views")
+        self._views: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _dataset(self, resolution: int):
+        from d3s2.data.datasets import ImageLatentDataset
+
+        if resolution not in self._views:
+            self._views[resolution] = ImageLatentDataset(self.root, resolution, source="sdf", seed=self.seed)
+        return self._views[resolution]
+
+    def __getitem__(self, key) -> dict:
+        index, resolution, epoch = key
+        ds = self._dataset(int(resolution))
+        item_id = self.items[index]["item_id"]
+        j = next((k for k, it in enumerate(ds.items) if it["item_id"] == item_id), None)
+        if j is None:
+            raise D3S2Error(f"item {item_id} has no sdf_{resolution}.npz; prepare that resolution or change phases")
+        ds.epoch = int(epoch)  # the view is a function of (seed, epoch, index): reproducible in any worker
+        it = ds[j]
+        return {"occ": occupancy_from_coords(it["coords"], int(resolution), self.occ_res), "image": it["image"],
+                "item_id": item_id}
+
+
+@register_task("dense_dit")
+class DenseDiTTask(Task):
+    """Rectified-flow DiT (Eq. 10-11) on the posterior means of a frozen dense VAE, conditioned on one rendered view.
+
+    ``task_args``: ``vae`` (its model config), ``vae_checkpoint`` (a ``.safetensors`` file, a ``step_*`` folder or a
+    checkpoint dir of a ``dense_vae`` run; EMA weights preferred), ``latent_scale`` (multiplies the latents),
+    ``image_encoder`` (``tiny``: a small trainable encoder; DINOv2 comes with the image conditioner), ``image_size``,
+    ``patch``. The flow settings come from the model file's ``flow:`` section.
+    """
+
+    task_args = {"vae": None, "vae_checkpoint": None, "latent_scale": 1.0, "image_encoder": "tiny", "image_size": 32,
+                 "patch": 8}
+    validate_under_fsdp = True
+
+    def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
+        super().__init__(cfg, device)
+        from d3s2.config import build_model
+        from d3s2.flow.rectified import FlowConfig
+        from d3s2.train.checkpoint import load_weights
+
+        self.model_cfg = model_config_from(cfg.model)
+        if self.model_cfg.model != "dense_dit":
+            raise D3S2Error(f"task dense_dit needs a dense_dit model config, got '{self.model_cfg.model}'")
+        self.flow_cfg = self.model_cfg.flow or FlowConfig()
+        if not self.args["vae"] or not self.args["vae_checkpoint"]:
+            raise D3S2Error(
+                "task dense_dit needs task_args.vae (model config) and task_args.vae_checkpoint (trained weights)"
+            )
+        if self.args["image_encoder"] != "tiny":
+            raise D3S2Error(f"task_args.image_encoder '{self.args['image_encoder']}' is not available yet; use 'tiny'")
+        vae_cfg = model_config_from(self.args["vae"], "task_args.vae")
+        self.vae = build_model(vae_cfg)
+        sd = load_weights(self.args["vae_checkpoint"], prefix="vae.")
+        from d3s2.models.dense_vae import load_official_state_dict
+
+        load_official_state_dict(self.vae, sd, key_map={})
+        self.vae.to(device).eval().requires_grad_(False)
+        self.occ_res = vae_cfg.params.resolution
+        p = self.model_cfg.params
+        if vae_cfg.params.latent_channels != p.in_channels or vae_cfg.params.latent_resolution != p.resolution:
+            raise D3S2Error(
+                f"the VAE latent ({vae_cfg.params.latent_channels} x {vae_cfg.params.latent_resolution}^3) does not "
+                f"match the DiT input ({p.in_channels} x {p.resolution}^3)"
+            )
+
+    def build_module(self) -> nn.Module:
+        from d3s2.config import build_model
+
+        dit = build_model(self.model_cfg)
+        enc = TinyImageEncoder(self.model_cfg.params.cond_channels, self.args["image_size"], self.args["patch"])
+        return DenseDiTTrainModule(dit, enc, self.flow_cfg)
+
+    def build_dataset(self, split: str = "train"):
+        root = self.cfg.data.val_root if split == "val" and self.cfg.data.val_root else self.cfg.data.root
+        return _ImageOccupancyDataset(root, self.occ_res, self.cfg.seed)
+
+    def collate(self, items):
+        out = _collate_occ(items)
+        out["image"] = torch.stack([i["image"] for i in items])
+        return out
+
+    @torch.no_grad()
+    def prepare_batch(self, batch: dict) -> dict:
+        _, mean, _ = self.vae.encode(batch["occ"], sample=False)
+        batch["x0"] = mean.float() * self.args["latent_scale"]
+        return batch
+
+    def batch_stats(self, batch):
+        x0 = batch["x0"]
+        return {"samples": float(x0.shape[0]), "tokens": float(x0.shape[0] * x0[0, 0].numel())}
+
+    @torch.no_grad()
+    def validate(self, module: nn.Module, batch: dict) -> dict[str, float]:
+        """Flow loss at fixed t in {0.25, 0.5, 0.75}, fixed noise, no condition dropout (comparable across steps)."""
+        from dataclasses import replace
+
+        x0 = batch["x0"]
+        g = torch.Generator(device="cpu").manual_seed(1234)
+        eps = torch.randn(x0.shape, generator=g).to(x0.device)
+        saved = module.flow_cfg
+        module.flow_cfg = replace(saved, cond_drop_prob=0.0)
+        try:
+            vals = {}
+            for tv in (0.25, 0.5, 0.75):
+                t = torch.full((x0.shape[0],), tv, device=x0.device)
+                vals[f"val_loss_t{int(tv * 100)}"] = float(module(batch, t=t, eps=eps)["loss"])
+        finally:
+            module.flow_cfg = saved
+        vals["val_loss"] = sum(vals.values()) / 3
+        return vals
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SS-VAE (Sec. 3, Eq. 2-3) with multi-resolution batches (Sec. 3.3)
+
+
+class _SparseSDFKeys(torch.utils.data.Dataset):
+    def __init__(self, root: str, resolutions, seed: int) -> None:
+        from d3s2.data.datasets import SparseSDFDataset
+
+        self.sdf = SparseSDFDataset(root, resolutions=resolutions or (512,), seed=seed)
+        taus = {float(it.get("tau", 0.0)) for it in self.sdf.items}
+        if len(taus) != 1 or 0.0 in taus:
+            raise D3S2Error(
+                f"{root}: items were prepared with different or missing tau {sorted(taus)}; set task_args.tau"
+            )
+        self.tau = taus.pop()
+
+    def __len__(self) -> int:
+        return len(self.sdf)
+
+    def __getitem__(self, key) -> dict:
+        index, resolution, _epoch = key
+        return self.sdf[(index, resolution)]
+
+
+class SSVAETrainModule(nn.Module):
+    def __init__(self, vae: nn.Module, tau: float) -> None:
+        super().__init__()
+        self.vae, self.tau = vae, tau
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        out = self.vae.loss(batch["sdf"], sharp=batch["sharp"], tau=self.tau)
+        return {k: (v if k == "loss" else v.detach()) for k, v in out.items()}
+
+
+@register_task("ss_vae")
+class SSVAETask(Task):
+    """SS-VAE on prepared sparse SDFs: one resolution per batch from ``data.resolutions`` (multi-resolution, Sec. 3.3)
+    or the phase's; losses L_in, L_ext, L_sharp, KL (Eq. 2-3, weights in the model config).
+
+    ``task_args.tau``: the SDF band of the data (default: the ``tau`` the items were prepared with). Validation decodes
+    the posterior mean and compares the near-surface voxels (``|s| < tau / 2``) of the prediction and of the input:
+    Chamfer distance / F-score (threshold ``fscore_voxels`` voxels) on voxel centres in the [-1, 1] cube, and the mean
+    absolute SDF error on the input voxels (scaled units).
+    """
+
+    task_args = {"tau": None, "fscore_voxels": 1.0, "val_points": 8192}
+
+    def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
+        super().__init__(cfg, device)
+        self.model_cfg = model_config_from(cfg.model)
+        if self.model_cfg.model != "ss_vae":
+            raise D3S2Error(f"task ss_vae needs an ss_vae model config, got '{self.model_cfg.model}'")
+        self._tau = self.args["tau"]
+
+    def build_dataset(self, split: str = "train"):
+        root = self.cfg.data.val_root if split == "val" and self.cfg.data.val_root else self.cfg.data.root
+        ds = _SparseSDFKeys(root, self.cfg.data.resolutions, self.cfg.seed)
+        if self._tau is None:
+            self._tau = ds.tau
+        return ds
+
+    def build_module(self) -> nn.Module:
+        from d3s2.config import build_model
+
+        if self._tau is None:  # the trainer builds the module first: read tau from the data
+            self.build_dataset("train")
+        return SSVAETrainModule(build_model(self.model_cfg), float(self._tau))
+
+    def collate(self, items):
+        from d3s2.data.datasets import collate_sparse_sdf
+
+        return collate_sparse_sdf(items)
+
+    def to_device(self, batch: dict) -> dict:
+        out = dict(batch)
+        out["sdf"] = batch["sdf"].to(self.device)
+        out["sharp"] = batch["sharp"].to(self.device)
+        return out
+
+    def batch_stats(self, batch):
+        x = batch["sdf"]
+        return {"samples": float(x.batch_size), "tokens": float(x.num_voxels)}
+
+    @torch.no_grad()
+    def validate(self, module: nn.Module, batch: dict) -> dict[str, float]:
+        from d3s2.geometry.metrics import chamfer_distance, f_score
+        from d3s2.models.ss_vae_losses import lookup_rows, scale_sdf
+
+        vae, tau = module.vae, module.tau
+        x = batch["sdf"]
+        x = x.replace(scale_sdf(x.feats.float(), tau))
+        z, _, _ = vae.encode(x, sample_posterior=False)
+        dec = vae.decode(z)
+        rows = lookup_rows(x.coords, dec.coords)
+        hit = rows >= 0
+        err = (dec.feats.float()[rows[hit], 0] - x.feats[hit, 0]).abs()
+        l1 = float(err.mean()) if err.numel() else float("nan")
+        r = int(x.resolution or self.cfg.data.resolutions[-1])
+        thr = self.args["fscore_voxels"] * 2.0 / r
+        g = torch.Generator().manual_seed(0)
+        cds, fss = [], []
+        for b in range(int(x.batch_size)):
+            def pts(t) -> torch.Tensor:
+                sel = (t.coords[:, 0] == b) & (t.feats[:, 0].float().abs() < 0.5)
+                p = -1.0 + (t.coords[sel, 1:].float() + 0.5) * (2.0 / r)
+                n = self.args["val_points"]
+                return p[torch.randperm(len(p), generator=g)[:n].to(p.device)] if len(p) > n else p
+
+            p, q = pts(dec), pts(x)
+            if len(p) and len(q):
+                cds.append(float(chamfer_distance(p, q)))
+                fss.append(float(f_score(p, q, thr)))
+            else:
+                fss.append(0.0)
+        out = {"val_sdf_l1": l1, "val_fscore": sum(fss) / len(fss)}
+        if cds:
+            out["val_chamfer"] = sum(cds) / len(cds)
+        return out
