@@ -1,12 +1,19 @@
 """Benchmark: mesh -> sparse SDF (paper Eq. 1) seconds per mesh, sparse narrow band vs a dense-grid baseline, and the
-sign errors of the two sign methods on the non-watertight Stanford bunny.
+sign errors of the sign methods on the non-watertight Stanford bunny.
 
 Here (CPU):   python bench/prepare_sdf.py --backends cpu --resolutions 512 1024 --dense 128 --sign-errors
               python bench/prepare_sdf.py --export-meshes .sdf_carry/meshes     (npz copies for a machine without the
                                                                                  pymeshfix / pybullet packages)
-GPU machine:  python bench/prepare_sdf.py --meshes .sdf_carry/meshes --backends warp --device cuda --dense 256 512
+GPU machine (device tool; carry .sdf_carry, which holds the warp 1.2.2 / libigl / trimesh wheels and the npz meshes):
+              pip install --target /tmp/site .sdf_carry/*.whl && PYTHONPATH=/tmp/site:src \
+              python3 bench/prepare_sdf.py --meshes .sdf_carry/meshes --names bunny duck --backends warp cpu \
+                  --cpu-names bunny --device cuda --resolutions 512 1024 --repeats 2 --signs-timed auto winding \
+                  --dense 256 512 --save-dir /tmp/s --out $OUT/prepare_sdf_h100.json
 
-Writes one JSON (machine, versions, git commit, per-case seconds) under bench/results/ (or --out).
+``--signs-timed``: sign methods to time (``auto`` = checked pseudo-normal, ``winding``, ...); ``--winding-max-res``
+bounds the resolutions timed with ``winding`` on warp (its winding-number query is the slow part there).
+Writes one JSON (machine, versions, git commit, per-case seconds and per-stage seconds) under bench/results/ (or
+--out), rewritten after every section so a run cut short still leaves its numbers.
 """
 
 from __future__ import annotations
@@ -99,17 +106,18 @@ def machine_info(device: str | None) -> dict:
             info[mod] = __import__(mod).__version__
         except Exception:
             pass
-    if device and str(device).startswith("cuda"):
-        try:
-            import warp as wp
+    try:
+        import torch
 
-            info["card"] = wp.get_device(device).name
-        except Exception:
-            pass
+        info["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            info["card"] = torch.cuda.get_device_name(0)
+    except Exception:
+        pass
     return info
 
 
-def time_sparse(meshes, names, resolutions, backend, device, repeats, save_dir=None):
+def time_sparse(meshes, names, resolutions, backend, device, repeats, save_dir=None, sign="auto"):
     rows = []
     for name in names:
         mesh, transform = normalize_mesh(to_trimesh(meshes[name]))
@@ -118,7 +126,7 @@ def time_sparse(meshes, names, resolutions, backend, device, repeats, save_dir=N
             for _ in range(repeats):
                 t0 = time.perf_counter()
                 out, stats = mesh_to_sparse_sdf(
-                    mesh, r, backend=backend, device=device, transform=transform, return_stats=True
+                    mesh, r, sign=sign, backend=backend, device=device, transform=transform, return_stats=True
                 )
                 times.append(time.perf_counter() - t0)
             row = {
@@ -127,6 +135,9 @@ def time_sparse(meshes, names, resolutions, backend, device, repeats, save_dir=N
                 "resolution": r,
                 "backend": backend,
                 "device": device,
+                "sign": sign,
+                "sign_method": stats.get("sign_method"),
+                "check_disagree": stats.get("check_disagree"),
                 "seconds": float(np.median(times)),
                 "all_seconds": times,
                 "voxels": int(len(out)),
@@ -146,8 +157,9 @@ def time_sparse(meshes, names, resolutions, backend, device, repeats, save_dir=N
     return rows
 
 
-def time_dense(meshes, name, resolutions, backend, device, tau=1 / 128):
-    """Baseline: every voxel centre of the dense R^3 grid (distance + winding-number sign), then |s| < tau."""
+def time_dense(meshes, name, resolutions, backend, device, tau=1 / 128, sign="winding"):
+    """Baseline: every voxel centre of the dense R^3 grid (distance + sign), then |s| < tau. ``sign="pseudonormal"``
+    with warp: closest face + pseudo-normal on the device (winding number for the ambiguous points)."""
     rows = []
     mesh, _ = normalize_mesh(to_trimesh(meshes[name]))
     for r in resolutions:
@@ -156,17 +168,39 @@ def time_dense(meshes, name, resolutions, backend, device, tau=1 / 128):
         g = (np.arange(r, dtype=np.float32) + 0.5) * (2.0 / r) - 1.0
         n_band = 0
         step = max(1, (1 << 24 if device and str(device).startswith("cuda") else 1 << 21) // (r * r))
-        for i in range(0, r, step):  # x-slabs bound host memory
-            p = np.stack(np.meshgrid(g[i : i + step], g, g, indexing="ij"), -1).reshape(-1, 3)
-            d = q.unsigned_distance(p)
-            ins = q.inside(p)
-            s = np.where(ins, -d, d)
-            n_band += int((np.abs(s) < tau).sum())
+        if sign == "pseudonormal" and hasattr(q, "closest_torch"):
+            import torch
+
+            from d3s2.data.backends import winding_fallback
+            from d3s2.data.pseudo_normal import pseudo_normal_sign
+
+            dev = q.torch_device
+            gt = torch.from_numpy(g.astype(np.float64)).to(dev)
+            tables = q.pseudo_normal_tables()
+            for i in range(0, r, step):
+                p = torch.stack(torch.meshgrid(gt[i : i + step], gt, gt, indexing="ij"), -1).reshape(-1, 3)
+                d, face = q.closest_torch(p)
+                sg, d = pseudo_normal_sign(tables, p, face)
+                amb = torch.nonzero(sg == 0).squeeze(1)
+                if len(amb):
+                    ins = winding_fallback(q)(p[amb].cpu().numpy())
+                    sg[amb] = torch.from_numpy(np.where(ins, -1, 1).astype(np.int8)).to(dev)
+                n_band += int(((d * sg).abs() < tau).sum())
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+        else:
+            for i in range(0, r, step):  # x-slabs bound host memory
+                p = np.stack(np.meshgrid(g[i : i + step], g, g, indexing="ij"), -1).reshape(-1, 3)
+                d = q.unsigned_distance(p)
+                ins = q.inside(p)
+                s = np.where(ins, -d, d)
+                n_band += int((np.abs(s) < tau).sum())
         row = {
             "mesh": name,
             "resolution": r,
             "backend": backend,
             "device": device,
+            "sign": sign,
             "dense": True,
             "seconds": time.perf_counter() - t0,
             "points": r**3,
@@ -177,8 +211,10 @@ def time_dense(meshes, name, resolutions, backend, device, tau=1 / 128):
     return rows
 
 
-def sign_errors(meshes, resolution=256, shell_resolution=256, n_random=200_000):
-    """Sign errors of 'winding' and 'shell' on the holed bunny. Reference: the bunny repaired by MeshFix (watertight),
+def sign_errors(
+    meshes, resolution=256, shell_resolution=256, n_random=200_000, signs=("winding", "pseudonormal", "shell")
+):
+    """Sign errors of the ``signs`` methods on the holed bunny. Reference: the bunny repaired by MeshFix (watertight),
     inside = its winding number > 1/2. Band: sparse SDF at ``resolution`` with tau = 4 voxels; counted at voxels at
     least
     1.5 voxels from the original surface (beyond the shell's eps = 1 shell voxel offset, which is not a sign error).
@@ -200,9 +236,9 @@ def sign_errors(meshes, resolution=256, shell_resolution=256, n_random=200_000):
         "shell_resolution": shell_resolution,
         "reference": "pymeshfix-repaired bunny (watertight), winding number > 1/2",
     }
-    for sign in ("winding", "shell"):
+    for sign in signs:
         t0 = time.perf_counter()
-        out = mesh_to_sparse_sdf(
+        out, st = mesh_to_sparse_sdf(
             mesh,
             resolution,
             tau=4 * h,
@@ -211,6 +247,7 @@ def sign_errors(meshes, resolution=256, shell_resolution=256, n_random=200_000):
             transform=t,
             shell_resolution=shell_resolution,
             sharp_angle=None,
+            return_stats=True,
         )
         el = time.perf_counter() - t0
         c = out.centers()
@@ -224,6 +261,7 @@ def sign_errors(meshes, resolution=256, shell_resolution=256, n_random=200_000):
             "band_sign_errors": int(err.sum()),
             "random_points_checked": int(len(rand_far)),
             "random_sign_errors": int(err_rand.sum()),
+            "winding_queries": int(st["sign_queries"]),
             "seconds": el,
         }
         print(sign, json.dumps(result[sign]), flush=True)
@@ -272,7 +310,12 @@ def main(argv=None):
     ap.add_argument("--resolutions", nargs="*", type=int, default=[512, 1024])
     ap.add_argument("--dense", nargs="*", type=int, default=[], help="dense-grid baseline resolutions (bunny)")
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--signs-timed", nargs="*", default=["auto"], help="sign methods timed by the sparse runs")
+    ap.add_argument("--winding-max-res", type=int, default=512, help="warp + winding: only resolutions up to this")
+    ap.add_argument("--cpu-resolutions", nargs="*", type=int, default=None, help="resolutions for backend cpu")
+    ap.add_argument("--cpu-names", nargs="*", default=None, help="meshes for backend cpu (default: --names)")
     ap.add_argument("--sign-errors", action="store_true")
+    ap.add_argument("--signs", nargs="*", default=["winding", "pseudonormal", "shell"], help="for --sign-errors")
     ap.add_argument("--diagnose", action="store_true", help="time warp transfers and kernels separately first")
     ap.add_argument("--save-dir", default=None, help="also time the compressed npz write here")
     ap.add_argument("--out", default=None)
@@ -302,23 +345,36 @@ def main(argv=None):
     }
     if args.diagnose:
         result["diagnose"] = diagnose(meshes, args.device or "cuda")
-    for backend in args.backends:
-        b, dev = resolve_backend(backend, args.device)
-        if b == "warp":  # compile / load the kernels outside the timings
-            mesh_to_sparse_sdf(to_trimesh(meshes[names[0]]), 64, backend=b, device=dev)
-        result["sparse"] += time_sparse(meshes, names, args.resolutions, b, dev, args.repeats, args.save_dir)
-        if args.dense:
-            result["dense"] += time_dense(meshes, "bunny", args.dense, b, dev)
-    if args.sign_errors:
-        result["sign_errors"] = sign_errors(meshes)
     out = args.out or os.path.join(
         os.path.dirname(os.path.abspath(__file__)),
         "results",
         f"prepare_sdf_{'_'.join(args.backends)}_{int(time.time())}.json",
     )
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as fh:
-        json.dump(result, fh, indent=1)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+
+    def dump():
+        tmp = out + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(result, fh, indent=1)
+        os.replace(tmp, out)
+
+    for backend in args.backends:
+        b, dev = resolve_backend(backend, args.device)
+        if b == "warp":  # compile / load the kernels outside the timings
+            for sg in ("pseudonormal", "winding"):
+                mesh_to_sparse_sdf(to_trimesh(meshes[names[0]]), 64, sign=sg, backend=b, device=dev)
+        res = args.resolutions if b == "warp" or args.cpu_resolutions is None else args.cpu_resolutions
+        nm = names if b == "warp" or args.cpu_names is None else args.cpu_names
+        for sg in args.signs_timed:
+            rr = [r for r in res if r <= args.winding_max_res] if (b == "warp" and sg == "winding") else res
+            result["sparse"] += time_sparse(meshes, nm, rr, b, dev, args.repeats, args.save_dir, sign=sg)
+            dump()
+        if args.dense and b == "warp":
+            result["dense"] += time_dense(meshes, "bunny", args.dense, b, dev, sign="pseudonormal")
+            dump()
+    if args.sign_errors:
+        result["sign_errors"] = sign_errors(meshes, signs=args.signs)
+    dump()
     print("wrote", out)
 
 

@@ -156,33 +156,74 @@ def test_non_power_of_two_resolution():
 
 # ---------------------------------------------------------------------------------------------- back ends
 def test_cpu_and_warp_cpu_backends_agree(holed_sphere, small_bunny):
-    pytest.importorskip("warp")
-    for mesh, r in ((trimesh.creation.torus(0.6, 0.25), 40), (holed_sphere, 32), (small_bunny, 32)):
+    wp = pytest.importorskip("warp")
+    wp.config.quiet = True
+    wp.init()
+    if not wp.is_cpu_available():  # the stripped warp wheel on the GPU machine has no CPU build chain
+        pytest.skip("warp has no CPU build chain here")
+    cases = ((trimesh.creation.torus(0.6, 0.25), 40), (holed_sphere, 32), (small_bunny, 32))
+    for (mesh, r), sign in [(c, s) for c in cases for s in ("auto", "winding")]:
         tau = 2.5 * 2 / r
-        a = mesh_to_sparse_sdf(mesh, r, tau=tau, backend="cpu", transform=IDENTITY)
-        b = mesh_to_sparse_sdf(mesh, r, tau=tau, backend="warp", device="cpu", transform=IDENTITY)
+        a = mesh_to_sparse_sdf(mesh, r, tau=tau, sign=sign, backend="cpu", transform=IDENTITY)
+        b = mesh_to_sparse_sdf(mesh, r, tau=tau, sign=sign, backend="warp", device="cpu", transform=IDENTITY)
         assert np.array_equal(a.coords, b.coords)
         x, y = a.sdf.astype(np.float64), b.sdf.astype(np.float64)
         assert (np.abs(np.abs(x) - np.abs(y)) <= _fp16_ulp(np.maximum(np.abs(x), np.abs(y))) + 1e-12).all()
         same_sign = (x < 0) == (y < 0)
         assert same_sign.mean() >= 0.999  # warp and libigl approximate the winding number differently near 1/2
-        if mesh is not small_bunny:
+        if mesh is not small_bunny or sign == "auto":  # auto: libigl's winding number on both back ends
             assert same_sign.all()
         assert np.array_equal(a.sharp, b.sharp)
 
 
+def _compare_backends(a, b, label, exact_sign=True):
+    """Assert CPU (a) and GPU (b) sparse SDFs agree; the messages say by how much they do not (the device log)."""
+    ka, kb = _key(a.coords, a.resolution), _key(b.coords, b.resolution)
+    only_a, only_b = np.setdiff1d(ka, kb), np.setdiff1d(kb, ka)
+    assert len(only_a) == 0 and len(only_b) == 0, (
+        f"{label}: band differs: {len(only_a)} voxels only on cpu, {len(only_b)} only on gpu "
+        f"(cpu |sdf| there: {np.sort(np.abs(a.sdf[np.isin(ka, only_a)].astype(float)))[:5]}, tau {a.tau})"
+    )
+    x, y = a.sdf.astype(np.float64), b.sdf.astype(np.float64)
+    err = np.abs(np.abs(x) - np.abs(y)) - _fp16_ulp(np.maximum(np.abs(x), np.abs(y)))
+    bad = err > 1e-12
+    assert not bad.any(), (
+        f"{label}: {bad.sum()} distances differ by more than a float16 ulp; worst at cpu {x[bad][np.argmax(err[bad])]}"
+        f" gpu {y[bad][np.argmax(err[bad])]}"
+    )
+    flip = (x < 0) != (y < 0)
+    if exact_sign:
+        assert not flip.any(), f"{label}: {flip.sum()} of {len(x)} signs differ; cpu |sdf| there {np.abs(x[flip])[:8]}"
+    else:
+        assert flip.mean() <= 1e-3, f"{label}: {flip.sum()} of {len(x)} signs differ"
+    assert np.array_equal(a.sharp, b.sharp), f"{label}: sharp masks differ at {np.sum(a.sharp != b.sharp)} voxels"
+
+
 @pytest.mark.gpu
 def test_warp_cuda_matches_cpu(holed_sphere):
+    """Cause of the first H100 failure (bench/results/prepare_sdf_gpu_check.log): warp's float32 distances decided
+    band membership and float16 values near the surface; now the GPU distance is recomputed in float64 from warp's
+    closest face, and the winding-number fallback of the pseudo-normal sign is libigl's on both back ends."""
     pytest.importorskip("warp")
     torus = trimesh.creation.torus(0.6, 0.25, major_sections=96, minor_sections=48)
-    for mesh in (torus, holed_sphere):
-        a = mesh_to_sparse_sdf(mesh, 128, tau=3 * 2 / 128, backend="cpu", transform=IDENTITY)
-        b = mesh_to_sparse_sdf(mesh, 128, tau=3 * 2 / 128, backend="warp", device="cuda", transform=IDENTITY)
-        assert np.array_equal(a.coords, b.coords)
-        x, y = a.sdf.astype(np.float64), b.sdf.astype(np.float64)
-        assert (np.abs(np.abs(x) - np.abs(y)) <= _fp16_ulp(np.maximum(np.abs(x), np.abs(y))) + 1e-12).all()
-        assert ((x < 0) == (y < 0)).all()
-        assert np.array_equal(a.sharp, b.sharp)
+    holed_torus = trimesh.Trimesh(torus.vertices, torus.faces[40:], process=False)
+    box = trimesh.creation.box(extents=(1.1, 0.7, 0.5))
+    b2 = trimesh.creation.box(extents=(0.5, 0.9, 0.4))
+    b2.apply_translation((0.2, 0.1, 0.05))
+    overlapping = trimesh.util.concatenate([box, b2])  # "auto" falls back to the winding number here
+    cases = [
+        (torus, "auto", True),
+        (holed_sphere, "auto", True),
+        (holed_torus, "auto", True),
+        (box, "auto", True),
+        (overlapping, "auto", False),
+        (torus, "winding", False),  # warp and libigl approximate the winding number differently near 1/2
+        (holed_sphere, "winding", False),
+    ]
+    for mesh, sign, exact in cases:
+        a = mesh_to_sparse_sdf(mesh, 128, tau=3 * 2 / 128, sign=sign, backend="cpu", transform=IDENTITY)
+        b = mesh_to_sparse_sdf(mesh, 128, tau=3 * 2 / 128, sign=sign, backend="warp", device="cuda", transform=IDENTITY)
+        _compare_backends(a, b, f"{len(mesh.faces)} faces, sign {sign}", exact)
 
 
 def test_backend_selection():
@@ -249,5 +290,5 @@ def test_shell_closes_an_open_sheet():
     assert abs(s[1] - (0.3 - 2 / 64)) < 0.01
 
 
-def test_default_sign_is_winding():
-    assert DEFAULT_SIGN == "winding"
+def test_default_sign_is_checked_pseudonormal():
+    assert DEFAULT_SIGN == "auto"  # pseudo-normal with a winding-number check: test_data_sdf_pseudonormal.py

@@ -40,6 +40,7 @@ MODEL_REGISTRY: dict[str, str] = {
     "dense_vae": "d3s2.models.dense_vae:DenseShapeVAE",
     "dense_dit": "d3s2.models.dense_dit:DenseDiT",
     "ss_vae": "d3s2.models.ss_vae:SSVAE",
+    "ss_dit": "d3s2.models.ss_dit:SSDiT",
 }
 
 

@@ -6,8 +6,12 @@
   ``mesh_query_point_sign_winding_number``) on ``"cuda"`` or ``"cpu"`` (the warp CPU path is single-threaded: tests
   only).
 
-Both answer the same two questions so that the sparse-SDF code above them is written once:
-``unsigned_distance(points, upper_bound)`` and ``inside(points)`` (generalised winding number > 1/2).
+Both answer the same questions so that the sparse-SDF code above them is written once:
+``unsigned_distance(points, upper_bound)``, ``closest(points, upper_bound)`` (distance and closest face, for the
+pseudo-normal sign of ``d3s2.data.pseudo_normal``) and ``inside(points)`` (generalised winding number > 1/2).
+``WarpQueries`` also answers ``closest_torch`` on device tensors (the GPU narrow band of ``d3s2.data.sdf`` stays on the
+GPU). warp works in float32: its distances are recomputed in float64 from the closest face it found, so both back ends
+decide band membership (``d < tau``) on float64 distances.
 Distances at or beyond ``upper_bound`` are returned as ``inf``: the band code only needs to know they are too far, and a
 bounded search is several times faster.
 """
@@ -18,7 +22,14 @@ import numpy as np
 
 from d3s2.errors import D3S2Error
 
-__all__ = ["CpuQueries", "WarpQueries", "make_queries", "resolve_backend", "warp_cuda_available"]
+__all__ = [
+    "CpuQueries",
+    "WarpQueries",
+    "make_queries",
+    "resolve_backend",
+    "warp_cuda_available",
+    "winding_fallback",
+]
 
 _CHUNK = 1 << 22  # points per call: bounds the memory of the per-point outputs (closest points etc.)
 _FAR = 1e30
@@ -99,6 +110,30 @@ class CpuQueries:
             return np.zeros(0)
         return np.abs(self._sd(points, self._igl.SignedDistanceType.SIGNED_DISTANCE_TYPE_UNSIGNED, upper_bound))
 
+    def closest(self, points: np.ndarray, upper_bound: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(distance float64 [N] (inf at or beyond ``upper_bound``), closest face int64 [N] (-1 there))."""
+        igl = self._igl
+        points = np.ascontiguousarray(points, dtype=np.float64).reshape(-1, 3)
+        d = np.empty(len(points), dtype=np.float64)
+        face = np.empty(len(points), dtype=np.int64)
+        ub = float("inf") if upper_bound is None else float(upper_bound)
+        unsigned = igl.SignedDistanceType.SIGNED_DISTANCE_TYPE_UNSIGNED
+        for s in range(0, len(points), _CHUNK):
+            dd, ii, _, _ = igl.signed_distance(points[s : s + _CHUNK], self.V, self.F, unsigned, upper_bound=ub)
+            d[s : s + _CHUNK] = np.abs(dd)
+            face[s : s + _CHUNK] = ii
+        far = d >= ub
+        d[far] = np.inf
+        face[far] = -1
+        return d, face
+
+    def pseudo_normal_tables(self):
+        if getattr(self, "_tables", None) is None:
+            from d3s2.data.pseudo_normal import build_tables
+
+            self._tables = build_tables(self.V, self.F, "cpu")
+        return self._tables
+
     def winding_number(self, points: np.ndarray) -> np.ndarray:
         points = np.ascontiguousarray(points, dtype=np.float64).reshape(-1, 3)
         out = np.empty(len(points), dtype=np.float64)
@@ -152,6 +187,9 @@ class WarpQueries:
         self.transfer = transfer
         self.accuracy = float(winding_accuracy)
         self._kernels = _warp_kernels()
+        self.V = np.ascontiguousarray(vertices, dtype=np.float64)
+        self.F = np.ascontiguousarray(faces, dtype=np.int64).reshape(-1, 3)
+        self._tables = None
         self.mesh = wp.Mesh(
             points=wp.array(np.ascontiguousarray(vertices, dtype=np.float32), dtype=wp.vec3, device=device),
             indices=wp.array(np.ascontiguousarray(faces, dtype=np.int32).reshape(-1), dtype=wp.int32, device=device),
@@ -188,23 +226,101 @@ class WarpQueries:
                 res.append(o.numpy())
         return np.concatenate(res)
 
-    def unsigned_distance(self, points: np.ndarray, upper_bound: float | None = None) -> np.ndarray:
+    @property
+    def torch_device(self):
+        import torch
+
+        return torch.device(str(self.device))
+
+    def pseudo_normal_tables(self):
+        """Float64 mesh + pseudo-normal tables on the query device (built once)."""
+        if self._tables is None:
+            from d3s2.data.pseudo_normal import build_tables
+
+            self._tables = build_tables(self.V, self.F, self.torch_device)
+        return self._tables
+
+    def closest_torch(self, points, upper_bound: float | None = None):
+        """Device tensors: points float64 [N, 3] -> (distance float64 [N], inf at or beyond ``upper_bound``; closest
+        face int64 [N], -1 there). The float32 BVH search runs with a slightly larger bound (relative 1e-5 + 1e-5) and
+        the distance to the face it found is recomputed in float64."""
+        import torch
+
+        from d3s2.data.pseudo_normal import closest_point_on_triangles
+
+        wp = self._wp
+        dev = self.torch_device
         ub = 1.0e6 if upper_bound is None else float(upper_bound)
-        d = self._run(self._kernels[0], points, (ub,), float).astype(np.float64)
-        d[d >= min(ub, 1e29)] = np.inf
-        return d
+        n = len(points)
+        d_out = torch.full((n,), float("inf"), dtype=torch.float64, device=dev)
+        f_out = torch.full((n,), -1, dtype=torch.int64, device=dev)
+        if n == 0:
+            return d_out, f_out
+        tab = self.pseudo_normal_tables()
+        chunk = 1 << 24
+        for s in range(0, n, chunk):
+            p64 = points[s : s + chunk]
+            p32 = p64.to(torch.float32).contiguous()
+            d32 = torch.empty(len(p32), dtype=torch.float32, device=dev)
+            f32 = torch.empty(len(p32), dtype=torch.int32, device=dev)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            wp.launch(
+                self._kernels["closest"],
+                dim=len(p32),
+                inputs=[self.mesh.id, wp.from_torch(p32, dtype=wp.vec3), min(ub * (1 + 1e-5) + 1e-5, 1e6)],
+                outputs=[wp.from_torch(d32), wp.from_torch(f32)],
+                device=self.device,
+            )
+            wp.synchronize_device(self.device)
+            hit = torch.nonzero(f32 >= 0).squeeze(1)
+            face = f32[hit].long()
+            tri = tab.faces[face]
+            V = tab.vertices
+            c, _ = closest_point_on_triangles(p64[hit], V[tri[:, 0]], V[tri[:, 1]], V[tri[:, 2]])
+            d = torch.linalg.norm(p64[hit] - c, dim=1)
+            d = torch.where(torch.isfinite(d), d, d32[hit].double())  # degenerate face: keep warp's distance
+            inb = d < ub
+            d_out[s + hit[inb]] = d[inb]
+            f_out[s + hit[inb]] = face[inb]
+        return d_out, f_out
+
+    def closest(self, points: np.ndarray, upper_bound: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        p = torch.from_numpy(np.ascontiguousarray(points, dtype=np.float64).reshape(-1, 3)).to(self.torch_device)
+        d, f = self.closest_torch(p, upper_bound)
+        return d.cpu().numpy(), f.cpu().numpy()
+
+    def unsigned_distance(self, points: np.ndarray, upper_bound: float | None = None) -> np.ndarray:
+        return self.closest(points, upper_bound)[0]
 
     def inside(self, points: np.ndarray, max_dist: float | None = None) -> np.ndarray:
         """Winding number > 1/2. warp computes the sign inside a closest-point query: ``max_dist`` (a bound on the
         points' distances, known to the band code) prunes that search; points it misses are asked again unbounded."""
         md = 1.0e6 if max_dist is None else float(max_dist)
-        res = self._run(self._kernels[1], points, (md, self.accuracy), self._wp.int32)
+        res = self._run(self._kernels["inside"], points, (md, self.accuracy), self._wp.int32)
         missed = res < 0
         if missed.any():
             res[missed] = self._run(
-                self._kernels[1], np.asarray(points)[missed], (1.0e6, self.accuracy), self._wp.int32
+                self._kernels["inside"], np.asarray(points)[missed], (1.0e6, self.accuracy), self._wp.int32
             )
         return res > 0
+
+
+def winding_fallback(queries):
+    """``inside(points)`` for the points the pseudo-normal sign leaves ambiguous: libigl's fast winding number on the
+    host for both back ends (so they agree exactly; these points are few), warp's when libigl is missing."""
+    if isinstance(queries, CpuQueries):
+        return queries.inside
+    try:
+        import igl  # noqa: F401
+    except ImportError:
+        return queries.inside
+    cpu = getattr(queries, "_cpu_fallback", None)
+    if cpu is None:
+        cpu = queries._cpu_fallback = CpuQueries(queries.V, queries.F)
+    return cpu.inside
 
 
 def make_queries(vertices, faces, backend: str = "auto", device: str | None = None):

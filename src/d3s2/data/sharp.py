@@ -44,20 +44,21 @@ def sharp_voxel_mask(
     angle: float = 30.0,
     radius: float = 1.5,
     segments: np.ndarray | None = None,
+    device_keys=None,
 ) -> np.ndarray:
-    """bool [N]: voxels (``coords`` at ``resolution``) whose centre is within ``radius`` voxels of a sharp edge."""
+    """bool [N]: voxels (``coords`` at ``resolution``) whose centre is within ``radius`` voxels of a sharp edge.
+
+    ``device_keys``: optional torch int64 tensor of the band's packed keys ``(i * R + j) * R + k``, sorted, on a
+    device (what the GPU narrow band returns): the same test then runs there (``_mask_torch``)."""
     coords = np.asarray(coords)
     mask = np.zeros(len(coords), dtype=bool)
     seg = sharp_edges(mesh, angle) if segments is None else segments
     if len(seg) == 0 or len(coords) == 0:
         return mask
     h = voxel_size(resolution)
-    step = h / 8.0
-    lengths = np.linalg.norm(seg[:, 1] - seg[:, 0], axis=1)
-    n = np.maximum(np.ceil(lengths / step).astype(np.int64), 1)
-    seg_id = np.repeat(np.arange(len(seg)), n + 1)
-    t = _ramps(n)
-    samples = seg[seg_id, 0] + t[:, None] * (seg[seg_id, 1] - seg[seg_id, 0])
+    samples = _edge_samples(seg, h)
+    if device_keys is not None:
+        return _mask_torch(samples, device_keys, resolution, radius)
     # candidate voxels: voxels of the samples, dilated by the radius (in the max norm) plus one for the voxel extent
     base = np.unique(np.floor((samples + 1.0) / h).astype(np.int64), axis=0)
     k = int(math.ceil(radius)) + 1
@@ -83,6 +84,43 @@ def sharp_voxel_mask(
     dist, _ = tree.query(voxel_centers(coords[cand], resolution), k=1, distance_upper_bound=radius * h)
     mask[cand] = dist <= radius * h
     return mask
+
+
+def _edge_samples(seg: np.ndarray, h: float) -> np.ndarray:
+    """Points along each segment every ``h / 8`` or closer, both ends included, float64 [S, 3]."""
+    step = h / 8.0
+    lengths = np.linalg.norm(seg[:, 1] - seg[:, 0], axis=1)
+    n = np.maximum(np.ceil(lengths / step).astype(np.int64), 1)
+    seg_id = np.repeat(np.arange(len(seg)), n + 1)
+    t = _ramps(n)
+    return seg[seg_id, 0] + t[:, None] * (seg[seg_id, 1] - seg[seg_id, 0])
+
+
+def _mask_torch(samples: np.ndarray, keys, resolution: int, radius: float) -> np.ndarray:
+    """The test of ``sharp_voxel_mask`` on a device: every (sample, voxel within ``ceil(radius) + 1`` in the max norm)
+    pair is checked directly (a voxel is sharp iff some sample lies within ``radius * h`` of its centre, which is what
+    the k-d tree answers on the CPU); no tree, no unique."""
+    import torch
+
+    dev = keys.device
+    h = voxel_size(resolution)
+    mask = torch.zeros(len(keys), dtype=torch.bool, device=dev)
+    k = int(math.ceil(radius)) + 1
+    r = torch.arange(-k, k + 1, device=dev)
+    offs = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
+    pts = torch.from_numpy(np.ascontiguousarray(samples)).to(dev)
+    base = torch.floor((pts + 1.0) / h).to(torch.int64)
+    chunk = max(1, (1 << 25) // len(offs))
+    for s in range(0, len(pts), chunk):
+        c = base[s : s + chunk, None, :] + offs[None]
+        ok = ((c >= 0) & (c < resolution)).all(-1)
+        centre = -1.0 + (c.to(torch.float64) + 0.5) * h
+        ok &= torch.linalg.norm(centre - pts[s : s + chunk, None, :], dim=-1) <= radius * h
+        c = c[ok]
+        q = (c[:, 0] * resolution + c[:, 1]) * resolution + c[:, 2]
+        pos = torch.searchsorted(keys, q).clamp(max=len(keys) - 1)
+        mask[pos[keys[pos] == q]] = True
+    return mask.cpu().numpy()
 
 
 def _ramps(n: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""warp kernels of ``d3s2.data.backends.WarpQueries`` (closest point, winding-number sign).
+"""warp kernels of ``d3s2.data.backends.WarpQueries`` (closest point / face, winding-number sign).
 
 Kept in a module without ``from __future__ import annotations``: warp reads the kernel annotations as types, and
 older warp releases cannot resolve them from strings.
@@ -13,16 +13,6 @@ def kernels():
     import warp as wp
 
     @wp.kernel
-    def udf_kernel(mesh: wp.uint64, pts: wp.array(dtype=wp.vec3), max_dist: float, out: wp.array(dtype=float)):
-        i = wp.tid()
-        p = pts[i]
-        q = wp.mesh_query_point_no_sign(mesh, p, max_dist)
-        if q.result:
-            out[i] = wp.length(wp.mesh_eval_position(mesh, q.face, q.u, q.v) - p)
-        else:
-            out[i] = 1.0e30
-
-    @wp.kernel
     def inside_kernel(
         mesh: wp.uint64, pts: wp.array(dtype=wp.vec3), max_dist: float, accuracy: float, out: wp.array(dtype=wp.int32)
     ):
@@ -35,4 +25,23 @@ def kernels():
             if q.sign < 0.0:
                 out[i] = 1
 
-    return udf_kernel, inside_kernel
+    @wp.kernel
+    def closest_kernel(
+        mesh: wp.uint64,
+        pts: wp.array(dtype=wp.vec3),
+        max_dist: float,
+        out_d: wp.array(dtype=float),
+        out_f: wp.array(dtype=wp.int32),
+    ):
+        # float32 distance and closest face (-1 / 1e30: none within max_dist); the caller refines in float64
+        i = wp.tid()
+        p = pts[i]
+        q = wp.mesh_query_point_no_sign(mesh, p, max_dist)
+        if q.result:
+            out_d[i] = wp.length(wp.mesh_eval_position(mesh, q.face, q.u, q.v) - p)
+            out_f[i] = q.face
+        else:
+            out_d[i] = 1.0e30
+            out_f[i] = -1
+
+    return {"inside": inside_kernel, "closest": closest_kernel}

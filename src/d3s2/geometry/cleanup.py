@@ -1,0 +1,191 @@
+"""Mesh clean-up after surface extraction (inference, paper Sec. 4.3 / release recipe step 4-5): floaters, hidden
+interior shells, decimation to an explicit face count, vertex normals.
+
+- Connected components: faces that share a vertex belong to one component (``scipy.sparse.csgraph`` on the vertex
+  graph, vectorised). Marching cubes output is welded, so a component is one connected surface piece.
+- Interior shells: a sparse SDF decoded by the VAE may hold closed surfaces inside the object (e.g. both sides of a
+  thin cavity that never reaches the outside). They are invisible but cost faces and break "solid" exports. We keep
+  the components that some ray coming from outside the bounding sphere hits *first*: ``views`` pinhole cameras on a
+  Fibonacci sphere around the mesh (distance 3 bounding radii, the sphere fills the image) rasterised with d3s2's
+  z-buffer (``d3s2.data.render.rasterize``: per pixel the nearest face = the first hit of that pixel's ray). A
+  component no pixel of any view sees is removed. Limits: a visible component smaller than a pixel in every view, or
+  visible only through openings narrower than a pixel, is removed too; raise ``views`` / ``image_size`` for those.
+  Cost: one rasterisation per view (about 0.6 s per 256^2 view for 400k faces on a 2-core CPU; fast on CUDA).
+- Decimation: quadric edge collapse of ``fast_simplification`` (maintained wrapper of Fast-Quadric-Mesh-Simplification)
+  to an explicit ``target_faces`` (the authors' ``remesh`` option removed ~95% of faces whatever was asked; ours
+  takes the number). The library stops within a few faces of the target.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from d3s2.errors import D3S2Error
+
+__all__ = [
+    "face_components",
+    "remove_small_components",
+    "visible_components",
+    "remove_interior_shells",
+    "decimate",
+    "vertex_normals",
+    "clean_mesh",
+]
+
+
+def _trimesh():
+    try:
+        import trimesh
+    except ImportError as exc:  # pragma: no cover - trimesh is in the data / mesh extras
+        raise D3S2Error("mesh clean-up needs trimesh: `pip install d3s2[mesh]`") from exc
+    return trimesh
+
+
+def _submesh(mesh, keep_faces: np.ndarray):
+    """Mesh made of the faces where ``keep_faces`` is True, unused vertices dropped (vertex order kept)."""
+    trimesh = _trimesh()
+    faces = np.asarray(mesh.faces)[keep_faces]
+    used = np.zeros(len(mesh.vertices), dtype=bool)
+    used[faces.reshape(-1)] = True
+    remap = np.cumsum(used) - 1
+    return trimesh.Trimesh(np.asarray(mesh.vertices)[used], remap[faces], process=False)
+
+
+def face_components(faces: np.ndarray, n_vertices: int) -> tuple[np.ndarray, int]:
+    """Component label per face (faces sharing a vertex are connected) and the number of components."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    faces = np.asarray(faces, dtype=np.int64).reshape(-1, 3)
+    if len(faces) == 0:
+        return np.zeros(0, dtype=np.int64), 0
+    rows = np.concatenate([faces[:, 0], faces[:, 1]])
+    cols = np.concatenate([faces[:, 1], faces[:, 2]])
+    graph = coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(n_vertices, n_vertices))
+    _, vertex_label = connected_components(graph, directed=False)
+    # relabel to 0..K-1 over the components that own faces
+    labels, face_label = np.unique(vertex_label[faces[:, 0]], return_inverse=True)
+    return face_label.astype(np.int64), len(labels)
+
+
+def remove_small_components(mesh, min_faces: int = 0, min_area_fraction: float = 0.0):
+    """Drop floaters: components with fewer than ``min_faces`` faces or less than ``min_area_fraction`` of the total
+    surface area. The largest component is always kept."""
+    if len(mesh.faces) == 0:
+        return mesh.copy()
+    label, k = face_components(mesh.faces, len(mesh.vertices))
+    count = np.bincount(label, minlength=k)
+    area = np.bincount(label, weights=np.asarray(mesh.area_faces, dtype=np.float64), minlength=k)
+    keep = (count >= min_faces) & (area >= min_area_fraction * area.sum())
+    keep[np.argmax(area)] = True
+    return _submesh(mesh, keep[label])
+
+
+def _fibonacci_sphere(n: int) -> np.ndarray:
+    i = np.arange(n) + 0.5
+    z = 1 - 2 * i / n
+    phi = math.pi * (1 + 5**0.5) * i
+    r = np.sqrt(1 - z * z)
+    return np.stack([r * np.cos(phi), r * np.sin(phi), z], axis=1)
+
+
+def visible_components(mesh, views: int = 32, image_size: int = 256, device: str | torch.device = "cpu") -> tuple[
+    np.ndarray, np.ndarray
+]:
+    """``(face_label [F], visible [K] bool)``: which components some ray from outside the bounding sphere hits first."""
+    from d3s2.data.render import rasterize
+
+    label, k = face_components(mesh.faces, len(mesh.vertices))
+    visible = np.zeros(k, dtype=bool)
+    if k == 0:
+        return label, visible
+    v = np.asarray(mesh.vertices, dtype=np.float64)
+    centre = (v.min(0) + v.max(0)) / 2
+    radius = float(np.linalg.norm(v - centre, axis=1).max()) or 1.0
+    dist = 3.0 * radius
+    focal = (image_size / 2) / math.tan(math.asin(radius / dist))  # the bounding sphere just fills the image
+    K = torch.tensor([[focal, 0, image_size / 2], [0, focal, image_size / 2], [0, 0, 1]], dtype=torch.float32)
+    faces = torch.as_tensor(np.asarray(mesh.faces, dtype=np.int64), device=device)
+    label_t = torch.as_tensor(label, device=device)
+    for d in _fibonacci_sphere(views):
+        eye = centre + dist * d
+        z = -d
+        helper = np.array([0.0, 0.0, 1.0]) if abs(z[2]) < 0.9 else np.array([1.0, 0.0, 0.0])
+        x = np.cross(z, helper)
+        x /= np.linalg.norm(x)
+        y = np.cross(z, x)
+        rot = np.stack([x, y, z])  # OpenCV camera: x right, y down, z forward (right-handed)
+        cam = torch.as_tensor((v - eye) @ rot.T, dtype=torch.float32, device=device)
+        frag = rasterize(cam, faces, K, image_size, image_size)
+        hit = frag.face[frag.face >= 0]
+        if hit.numel():
+            visible[torch.unique(label_t[hit]).cpu().numpy()] = True
+    return label, visible
+
+
+def remove_interior_shells(mesh, views: int = 32, image_size: int = 256, device: str | torch.device = "cpu"):
+    """Keep only the components visible from outside (see module docstring)."""
+    if len(mesh.faces) == 0:
+        return mesh.copy()
+    label, visible = visible_components(mesh, views, image_size, device)
+    if not visible.any():  # cannot happen for a non-degenerate mesh; never return an empty mesh silently
+        return mesh.copy()
+    return _submesh(mesh, visible[label])
+
+
+def decimate(mesh, target_faces: int, aggressiveness: float = 7.0):
+    """Quadric decimation to about ``target_faces`` faces (returned as is when it already has no more)."""
+    trimesh = _trimesh()
+    target_faces = int(target_faces)
+    if target_faces < 4:
+        raise D3S2Error(f"target face count {target_faces} is too small; ask for at least 4 faces")
+    if len(mesh.faces) <= target_faces:
+        return mesh.copy()
+    try:
+        import fast_simplification
+    except ImportError as exc:
+        raise D3S2Error("decimation needs fast-simplification: `pip install d3s2[mesh]`") from exc
+    v, f = fast_simplification.simplify(
+        np.asarray(mesh.vertices, dtype=np.float64),
+        np.asarray(mesh.faces, dtype=np.int32),
+        target_count=target_faces,
+        agg=aggressiveness,
+    )
+    return trimesh.Trimesh(v, f, process=False)
+
+
+def vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """Area-weighted unit vertex normals (sum of the incident faces' cross products), vectorised torch."""
+    vertices = torch.as_tensor(vertices)
+    faces = torch.as_tensor(faces, dtype=torch.int64, device=vertices.device)
+    v = vertices.to(torch.float64)
+    tri = v[faces]
+    cross = torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    acc = torch.zeros_like(v)
+    for i in range(3):
+        acc.index_add_(0, faces[:, i], cross)
+    out_dtype = vertices.dtype if vertices.is_floating_point() else torch.float32
+    return (acc / acc.norm(dim=1, keepdim=True).clamp_min(1e-30)).to(out_dtype)
+
+
+def clean_mesh(
+    mesh,
+    *,
+    min_faces: int = 0,
+    min_area_fraction: float = 0.0,
+    remove_interior: bool = False,
+    target_faces: int | None = None,
+    views: int = 32,
+    image_size: int = 256,
+):
+    """Floaters -> interior shells (optional) -> decimation (optional); returns a new trimesh with vertex normals."""
+    out = remove_small_components(mesh, min_faces, min_area_fraction)
+    if remove_interior:
+        out = remove_interior_shells(out, views, image_size)
+    if target_faces is not None:
+        out = decimate(out, target_faces)
+    _ = out.vertex_normals  # computed (and cached by trimesh) so exports carry them
+    return out
