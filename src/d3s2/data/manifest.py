@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
+
+from d3s2.fileio import atomic_write_text
 
 DONE_MARKER = "done"
 MANIFEST = "manifest.jsonl"
@@ -34,19 +35,6 @@ def manifest_path(out_dir: str | Path, shard: tuple[int, int] | None = None) -> 
 
 def failures_path(out_dir: str | Path, shard: tuple[int, int] | None = None) -> Path:
     return Path(out_dir) / f"failures{shard_suffix(shard)}.jsonl"
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def atomic_write_json(path: str | Path, obj) -> None:

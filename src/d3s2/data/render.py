@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from d3s2.data.cameras import Camera
 from d3s2.errors import D3S2Error
+from d3s2.fileio import atomic_open
 
 _KEY_EMPTY = torch.iinfo(torch.int64).max
 
@@ -544,14 +545,10 @@ def render_views(
 
 def save_png(path: str | Path, rgba: np.ndarray, compress_level: int = 3) -> None:
     """Write an RGBA PNG atomically (temporary file in the same folder, then os.replace)."""
-    import os
-
     from PIL import Image
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    Image.fromarray(rgba, mode="RGBA").save(tmp, format="PNG", compress_level=compress_level)
-    os.replace(tmp, path)
+    with atomic_open(path, "wb") as fh:
+        Image.fromarray(rgba, mode="RGBA").save(fh, format="PNG", compress_level=compress_level)
 
 
 def write_views(renderer: Renderer, cameras: list[Camera], item_dir: str | Path, threads: int = 0) -> list[dict]:

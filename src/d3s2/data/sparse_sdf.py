@@ -13,12 +13,12 @@ Files are written to a temporary name and renamed, so a crash never leaves a hal
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 
 from d3s2.errors import D3S2Error
+from d3s2.fileio import atomic_open
 
 FORMAT_VERSION = 1
 DEFAULT_TAU = 1.0 / 128.0
@@ -100,8 +100,6 @@ def sparse_sdf_filename(mesh_id: str, resolution: int) -> str:
 def save_sparse_sdf(path: str | os.PathLike, data: SparseSDF, *, compress: bool = True) -> str:
     """Write ``data`` to ``path`` atomically (temporary file in the same folder, then ``os.replace``)."""
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     arrays = dict(
         coords=data.coords,
         sdf=data.sdf,
@@ -112,15 +110,8 @@ def save_sparse_sdf(path: str | os.PathLike, data: SparseSDF, *, compress: bool 
         offset=np.asarray(data.offset, dtype=np.float64),
         format_version=np.int64(FORMAT_VERSION),
     )
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".npz", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            (np.savez_compressed if compress else np.savez)(fh, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb") as fh:
+        (np.savez_compressed if compress else np.savez)(fh, **arrays)
     return path
 
 

@@ -8,11 +8,11 @@ GLB, OBJ and PLY carry per-vertex normals.
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
 
 from d3s2.errors import D3S2Error
+from d3s2.fileio import atomic_write_bytes
 
 __all__ = ["MESH_FORMATS", "mesh_format", "save_mesh"]
 
@@ -52,16 +52,6 @@ def save_mesh(mesh, path: str | os.PathLike, format: str | None = None) -> str:
     if len(getattr(mesh, "faces", ())) == 0:
         raise D3S2Error(f"refusing to write an empty mesh to {os.fspath(path)!r}: the surface extraction found nothing")
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     data = _export_bytes(mesh, fmt)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix="." + fmt, dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, data)
     return path
