@@ -23,7 +23,7 @@ from torch import nn
 
 from d3s2.errors import D3S2Error
 from d3s2.models.dense_vae import load_official_state_dict as _load
-from d3s2.nn.blocks import ModulatedTransformerCrossBlock
+from d3s2.nn.blocks import ModulatedTransformerCrossBlock, init_dit_weights
 from d3s2.nn.embeddings import AbsolutePositionEmbedder, TimestepEmbedder, grid_coords
 
 __all__ = ["DenseDiTConfig", "DenseDiT", "OFFICIAL_KEY_MAP", "load_official_state_dict"]
@@ -91,21 +91,10 @@ class DenseDiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        """DiT initialisation: Xavier linears, N(0, 0.02) timestep MLP, zero adaLN and output (blocks start as identity)."""
+        """DiT initialisation (see `init_dit_weights`); skipped for models built on the meta device."""
         if self.pos_emb.is_meta:
             return
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.out_layer.weight)
-        nn.init.zeros_(self.out_layer.bias)
+        init_dit_weights(self)
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         for block in self.blocks:

@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from d3s2.nn.attention import MultiHeadCrossAttention, MultiHeadSelfAttention
 from d3s2.nn.norms import LayerNorm32
 
-__all__ = ["FeedForward", "ModulatedTransformerCrossBlock", "modulate", "pad_rows", "unpad_rows", "rows_batch_index"]
+__all__ = ["FeedForward", "ModulatedTransformerCrossBlock", "init_dit_weights", "modulate", "pad_rows", "unpad_rows", "rows_batch_index"]
 
 
 class FeedForward(nn.Module):
@@ -175,3 +175,22 @@ class ModulatedTransformerCrossBlock(nn.Module):
         feats = feats + unpad_rows(self.cross_attn(padded, context, context_mask), mask)
         h = _segmentwise(self.norm3(feats), counts, lambda p, b: modulate(p, shift_mlp[b], scale_mlp[b]))
         return feats + _segmentwise(self.mlp(h), counts, lambda p, b: p * gate_mlp[b])
+
+
+def init_dit_weights(model: nn.Module) -> None:
+    """DiT initialisation shared by the dense and sparse DiTs: Xavier linears with zero bias, N(0, 0.02) timestep MLP,
+    zero adaLN modulation and zero output layer, so every block starts as the identity and the model predicts zero.
+
+    Expects ``model.t_embedder.mlp``, ``model.blocks[i].adaLN_modulation`` and ``model.out_layer``."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
+    for block in model.blocks:
+        nn.init.zeros_(block.adaLN_modulation[-1].weight)
+        nn.init.zeros_(block.adaLN_modulation[-1].bias)
+    nn.init.zeros_(model.out_layer.weight)
+    nn.init.zeros_(model.out_layer.bias)
