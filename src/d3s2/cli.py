@@ -20,6 +20,8 @@ COMMANDS: list[tuple[str, str]] = [
     ("prepare", "d3s2.data.prepare:add_parser"),
     ("prepare-merge", "d3s2.data.prepare:add_merge_parser"),
     ("train", "d3s2.train.command:add_parser"),
+    ("generate", "d3s2.pipelines.cli:add_parser"),
+    ("encode-latents", "d3s2.train.encode_latents:add_parser"),
 ]
 
 

@@ -529,3 +529,7 @@ class SSVAETask(Task):
         if cds:
             out["val_chamfer"] = sum(cds) / len(cds)
         return out
+
+
+# SS-DiT (Sec. 4): imported on first use
+TASK_REGISTRY["ss_dit"] = "d3s2.train.tasks_ss_dit:SSDiTTask"

@@ -1,0 +1,95 @@
+"""``d3s2 generate``: images -> meshes with :class:`~d3s2.pipelines.image_to_3d.ImageTo3DPipeline`.
+
+Each image is written to ``OUT_DIR/<image stem>.<format>`` atomically. A bad image (missing, not an image, corrupt,
+empty mask, no shape found) prints one line on stderr and the others still run; the exit status is 1 when any image
+failed. A bad ``--weights`` folder stops everything (exit 2, from the CLI's D3S2Error handler).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from d3s2.errors import D3S2Error
+
+__all__ = ["add_parser", "run_generate", "format_stats"]
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="image(s) to 3D mesh(es)",
+                       description="Generate a mesh per image with the Direct3D-S2 pipeline (structure, 512 and "
+                                   "optionally 1024 stage).")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="input images (RGBA with transparent background best)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="folder for the meshes")
+    p.add_argument("--weights", metavar="PATH", help="pipeline folder (save_pretrained output, or the authors' "
+                                                     "release folder with config.yaml)")
+    p.add_argument("--resolution", type=int, choices=(512, 1024), default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--faces", type=int, default=None, help="decimate to about this many faces")
+    p.add_argument("--format", choices=("glb", "obj", "ply", "stl"), default="glb")
+    p.add_argument("--steps-dense", type=int, default=None, help="structure-stage steps (release: 50)")
+    p.add_argument("--steps-512", type=int, default=None, help="512-stage steps (release: 30)")
+    p.add_argument("--steps-1024", type=int, default=None, help="1024-stage steps (release: 15)")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale for every stage (release: 7.0)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    p.add_argument("--low-vram", action="store_true", help="keep each model on the GPU only for its stage")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_generate)
+
+
+def format_stats(stats: list[dict]) -> str:
+    parts = []
+    for s in stats:
+        item = f"{s['stage']} {s['seconds']:.2f}s"
+        if s.get("peak_gpu_bytes") is not None:
+            item += f" ({s['peak_gpu_bytes'] / 2**30:.2f} GiB peak)"
+        parts.append(item)
+    return ", ".join(parts)
+
+
+def _print_warnings(caught) -> None:
+    for w in caught or ():
+        print(f"d3s2 generate: warning: {w.message}", file=sys.stderr)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from d3s2.geometry.export import save_mesh
+    from d3s2.pipelines.image_to_3d import ImageTo3DPipeline
+
+    if args.weights is None:
+        raise D3S2Error("no bundled model yet: pass --weights PATH (a folder written by "
+                        "ImageTo3DPipeline.save_pretrained, or the authors' release folder)")
+    if args.faces is not None and args.faces < 4:
+        raise D3S2Error(f"--faces {args.faces} is too small; ask for at least 4 faces")
+    pipe = ImageTo3DPipeline.from_pretrained(args.weights, device=args.device, low_vram=args.low_vram or None)
+    out_dir = Path(args.output)
+    steps = {"dense": args.steps_dense, "512": args.steps_512, "1024": args.steps_1024}
+    failed = 0
+    for image in args.images:
+        target = out_dir / f"{Path(image).stem}.{args.format}"
+        caught: list = []
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                meshes = pipe(image, generator=torch.Generator().manual_seed(args.seed), resolution=args.resolution,
+                              num_inference_steps=steps, guidance_scale=args.cfg, faces=args.faces,
+                              progress=not args.no_progress)
+            save_mesh(meshes[0], target, args.format)
+        except D3S2Error as exc:
+            failed += 1
+            _print_warnings(caught)
+            print(f"d3s2 generate: error: {image}: {exc}", file=sys.stderr)
+            continue
+        _print_warnings(caught)
+        m = meshes[0]
+        print(f"{image} -> {os.fspath(target)} ({len(m.vertices)} vertices, {len(m.faces)} faces): "
+              f"{format_stats(pipe.last_stats)}")
+    if failed:
+        print(f"d3s2 generate: {failed} of {len(args.images)} image(s) failed", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,669 @@
+"""Image-to-3D inference pipeline (paper Sec. 4.3 / 5.2; recipe of shared/reference/official-release.md).
+
+Stages, each timed (seconds and peak GPU memory) in :attr:`ImageTo3DPipeline.last_stats`:
+
+1. ``preprocess``: :func:`d3s2.pipelines.preprocess.preprocess_image` (RGB + mask at the encoder's image size).
+2. ``condition``: DINOv2 tokens; sparse conditioning (Eq. 9) for SS-DiTs with ``sparse_conditioning`` (v1.0), dense
+   tokens otherwise (v1.1); the unconditional input is ``zeros_like`` (CFG).
+3. ``structure``: DenseDiT on the dense latent from noise, DenseShapeVAE decode, ``sigmoid >= threshold`` -> latent
+   coordinates of the first sparse stage (grid = dense VAE resolution = SS-VAE resolution / 8).
+4. ``sparse_512``: SS-DiT on those coordinates, SS-VAE decode (tanh SDF in ``s / tau`` units, negative inside), sparse
+   marching cubes at ``mc_level_512``.
+5. ``sparse_1024`` (optional): unsigned band of the 512 mesh at the 1024 grid (``tau = band_voxels / R``),
+   ``coords // 8`` -> latent coordinates, SS-DiT-1024 from fresh noise, SS-VAE-1024 decode in spatial chunks
+   (:func:`decode_sparse_chunked`, exact), marching cubes at ``mc_level_1024``.
+6. ``cleanup``: floaters, optional decimation to ``faces`` (:func:`d3s2.geometry.cleanup.clean_mesh`).
+
+Marching-cubes levels, in the decoder's tanh units (1 = ``tau`` outside): the release extracts at 0.2 at 1024 and at
+0.4 at 512 on the output of its dense refiner, which d3s2 does not run. Without a refiner the 512 SDF is taken at its
+zero level (``mc_level_512 = 0.0``, the surface the VAE was trained to put at 0); ``mc_level_1024`` defaults to the
+release's 0.2. Both are settings in ``pipeline.yaml``.
+
+No dense grid above the structure stage's 64^3 is built: the 1024 band comes from the sparse octree of
+:func:`d3s2.data.sdf.unsigned_band`, decoding and surface extraction run on sparse voxels.
+
+Folder format (``save_pretrained`` / ``from_pretrained``): ``pipeline.yaml`` (format tag, settings, and per component
+its model config inline: ``model``, ``params``, ``sampler``) plus ``<component>.safetensors`` for each of
+``image_encoder, dense_vae, dense_dit, ss_vae_512, ss_dit_512`` and optionally ``ss_vae_1024, ss_dit_1024``.
+A shipped config such as ``configs/pipeline_tiny.yaml`` has the same layout but may name model configs
+(``config: dense_dit_tiny``) with ``params`` / ``sampler`` overrides; :meth:`ImageTo3DPipeline.from_config` builds a
+random-weight pipeline from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import yaml
+
+from d3s2.config import MODEL_REGISTRY, from_dict, load_yaml, resolve_config_path
+from d3s2.errors import D3S2Error
+
+__all__ = ["PipelineSettings", "ImageTo3DPipeline", "decode_sparse_chunked", "latent_shell_coords",
+           "COMPONENTS", "OPTIONAL_COMPONENTS", "FORMAT_TAG"]
+
+FORMAT_TAG = "d3s2-pipeline/1"
+COMPONENTS = ("image_encoder", "dense_vae", "dense_dit", "ss_vae_512", "ss_dit_512")
+OPTIONAL_COMPONENTS = ("ss_vae_1024", "ss_dit_1024")
+_KIND = {"dense_vae": "dense_vae", "dense_dit": "dense_dit", "ss_vae_512": "ss_vae", "ss_dit_512": "ss_dit",
+         "ss_vae_1024": "ss_vae", "ss_dit_1024": "ss_dit"}
+
+
+@dataclass
+class PipelineSettings:
+    """Inference settings stored in ``pipeline.yaml`` (``settings:``)."""
+
+    occupancy_threshold: float = 0.1
+    mc_level_512: float = 0.0
+    mc_level_1024: float = 0.2
+    band_voxels: float = 4.0  # 1024 stage: unsigned band |d| < band_voxels / R of the 512 mesh
+    decode_chunk: int | None = 64  # latent voxels per side of one SS-VAE decoding chunk (None: one shot)
+    min_area_fraction: float = 0.0  # cleanup: drop components below this fraction of the area
+    image_pad: int | None = None  # preprocessing margin (default: 16 px at 518, scaled)
+
+
+@dataclass
+class _Component:
+    model: str
+    params: Any
+    sampler: Any = None
+
+
+def _sampler_cls():
+    from d3s2.flow.sampler import SamplerConfig
+
+    return SamplerConfig
+
+
+def _model_class(name: str):
+    import importlib
+
+    if name not in MODEL_REGISTRY:
+        raise D3S2Error(f"unknown model '{name}' (known: {', '.join(sorted(MODEL_REGISTRY))})")
+    module, cls = MODEL_REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def _parse_component(name: str, spec: Any, where: str) -> _Component:
+    """A component entry: a config name / path, or a mapping with ``config`` (optional), ``model``, ``params``,
+    ``sampler`` (the latter two override the named config's sections field by field)."""
+    if isinstance(spec, str):
+        spec = {"config": spec}
+    if not isinstance(spec, dict):
+        raise D3S2Error(f"{where}: component '{name}' must be a config name or a mapping")
+    unknown = set(spec) - {"config", "model", "params", "sampler"}
+    if unknown:
+        raise D3S2Error(f"{where}: component '{name}' has unknown key '{sorted(unknown)[0]}' "
+                        "(valid: config, model, params, sampler)")
+    base: dict[str, Any] = {}
+    if "config" in spec:
+        base = load_yaml(resolve_config_path(spec["config"]))
+    model = spec.get("model", base.get("model"))
+    if model != _KIND[name]:
+        raise D3S2Error(f"{where}: component '{name}' must be a '{_KIND[name]}' model, got {model!r}")
+    params = {**(base.get("params") or {}), **(spec.get("params") or {})}
+    sampler_d = base.get("sampler"), spec.get("sampler")
+    cls = _model_class(model)
+    p = from_dict(cls.config_class, params, f"{where}:{name}.params")
+    s = None
+    if sampler_d[0] is not None or sampler_d[1] is not None:
+        s = from_dict(_sampler_cls(), {**(sampler_d[0] or {}), **(sampler_d[1] or {})}, f"{where}:{name}.sampler")
+    return _Component(model, p, s)
+
+
+def _encoder_config(spec: Any, where: str):
+    from d3s2.models.image_encoder import ImageEncoderConfig
+
+    if spec in (None, "release", "dinov2_vitl14_reg"):
+        return ImageEncoderConfig()
+    if spec == "tiny":
+        return ImageEncoderConfig.tiny()
+    if isinstance(spec, dict):
+        spec = dict(spec)
+        base = spec.pop("preset", None)
+        cfg = dataclasses.asdict(ImageEncoderConfig.tiny() if base == "tiny" else ImageEncoderConfig())
+        cfg.update(spec)
+        cfg["weights"] = None  # weights come from the pipeline folder
+        return from_dict(ImageEncoderConfig, cfg, f"{where}:image_encoder")
+    raise D3S2Error(f"{where}: image_encoder must be 'tiny', 'release' or a mapping of ImageEncoderConfig fields")
+
+
+def _peak_reset(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device))
+    return None
+
+
+def latent_shell_coords(coords: np.ndarray | torch.Tensor, factor: int = 8, batch: int = 0) -> torch.Tensor:
+    """Voxel coordinates ``[N, 3]`` -> unique latent coordinates ``[M, 4]`` (batch, x, y, z) = ``coords // factor``."""
+    c = torch.as_tensor(np.asarray(coords), dtype=torch.int64).reshape(-1, 3)
+    lat = torch.unique(torch.div(c, factor, rounding_mode="floor"), dim=0)
+    return torch.cat([torch.full((len(lat), 1), batch, dtype=torch.int64), lat], 1).to(torch.int32)
+
+
+def decode_sparse_chunked(vae, z, chunk: int | None = None, halo: int = 3):
+    """SS-VAE decode with the up-sampling stack run in spatial chunks of ``chunk`` latent voxels per side.
+
+    The transformer blocks run once on all latent tokens (their attention windows span chunks); only the conv /
+    subdivide stack, where the memory goes (8^3 children per latent voxel), is chunked. Its receptive field is under
+    3 latent voxels (conv3 at the latent level, then half, quarter, eighth voxels per level), so a ``halo`` of 3
+    latent voxels makes every kept output identical to the one-shot decode (there are no norms in that stack).
+    ``chunk=None`` decodes in one piece. Returns the decoded SparseTensor (children grouped by chunk)."""
+    from d3s2.sparse import SparseTensor
+
+    dec = vae.decoder
+    if chunk is None or getattr(dec, "upsample", None) is None or any(b.prune is not None for b in dec.upsample):
+        return vae.decode(z)
+    h = dec.input_layer(z)
+    h = h + dec.pos_embedder(h.coords[:, 1:]).to(h.dtype)
+    for block in dec.blocks:
+        h = block(h)
+    if dec.out_norm:
+        import torch.nn.functional as F
+
+        h = h.replace(F.layer_norm(h.feats.float(), h.feats.shape[-1:], eps=1e-6).to(h.dtype))
+    coords = h.coords.long()
+    cell = torch.div(coords[:, 1:], chunk, rounding_mode="floor")
+    keys = torch.unique(torch.cat([coords[:, :1], cell], 1), dim=0)
+    factor = 2 ** len(dec.upsample)
+    feats_out, coords_out = [], []
+    for key in keys:
+        b, lo = int(key[0]), key[1:] * chunk
+        hi = lo + chunk
+        in_b = coords[:, 0] == b
+        near = in_b & ((coords[:, 1:] >= lo - halo) & (coords[:, 1:] < hi + halo)).all(1)
+        idx = torch.nonzero(near).squeeze(1)
+        part = SparseTensor(h.feats[idx], h.coords[idx], h.batch_size, h.resolution, h.stride)
+        for block in dec.upsample:
+            part, _ = block(part)
+        out = dec.out_layer(part)
+        parent = torch.div(out.coords[:, 1:].long(), factor, rounding_mode="floor")
+        core = ((parent >= lo) & (parent < hi)).all(1)
+        feats_out.append(torch.tanh(out.feats[core]))
+        coords_out.append(out.coords[core])
+        del part, out
+    return SparseTensor(torch.cat(feats_out), torch.cat(coords_out), h.batch_size,
+                        h.resolution * factor if h.resolution is not None else None)
+
+
+class _Bar:
+    """A tqdm bar per stage that counts model calls (wraps the model given to the sampler)."""
+
+    def __init__(self, model: Callable, total: int, desc: str, enabled: bool):
+        self.model, self.bar = model, None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, leave=False)
+
+    def __call__(self, *args, **kwargs):
+        out = self.model(*args, **kwargs)
+        if self.bar is not None:
+            self.bar.update(1)
+        return out
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+class ImageTo3DPipeline:
+    """Image(s) -> list of ``trimesh.Trimesh`` (see module docstring).
+
+    ``models``: dict with the modules named in :data:`COMPONENTS` (and optionally :data:`OPTIONAL_COMPONENTS`);
+    ``samplers``: per DiT component a :class:`~d3s2.flow.SamplerConfig` (steps / cfg / shift defaults).
+    ``low_vram``: keep models on the CPU and move each to ``device`` only for its stage (default: on CUDA when free
+    memory is below twice the models' size plus 8 GiB)."""
+
+    def __init__(self, models: dict[str, torch.nn.Module], samplers: dict[str, Any] | None = None,
+                 settings: PipelineSettings | None = None, device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None, low_vram: bool | None = None,
+                 component_configs: dict[str, _Component] | None = None, encoder_config: Any = None,
+                 background_remover: Callable | None = None) -> None:
+        missing = [c for c in COMPONENTS if c not in models]
+        if missing:
+            raise D3S2Error(f"pipeline is missing component(s): {', '.join(missing)}")
+        if ("ss_vae_1024" in models) != ("ss_dit_1024" in models):
+            raise D3S2Error("the 1024 stage needs both ss_vae_1024 and ss_dit_1024")
+        self.models = dict(models)
+        self.samplers = dict(samplers or {})
+        self.settings = settings or PipelineSettings()
+        self.device = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.component_configs = component_configs or {}
+        self.encoder_config = encoder_config if encoder_config is not None else models["image_encoder"].config
+        self.background_remover = background_remover
+        self.last_stats: list[dict[str, Any]] = []
+        for m in self.models.values():
+            m.eval().requires_grad_(False)
+        self._check_dims()
+        if low_vram is None:
+            low_vram = False
+            if self.device.type == "cuda":
+                size = sum(p.numel() * p.element_size() for m in self.models.values() for p in m.parameters())
+                free = torch.cuda.mem_get_info(self.device)[0]
+                low_vram = free < 2 * size + (8 << 30)
+        self.low_vram = bool(low_vram)
+        for name, m in self.models.items():
+            m.to(dtype=torch.float32 if name == "image_encoder" else self.dtype)
+            m.to("cpu" if self.low_vram else self.device)
+
+    # ------------------------------------------------------------------ construction
+    def _check_dims(self) -> None:
+        m = self.models
+        enc_c = m["image_encoder"].config.embed_dim
+        dvae, ddit = m["dense_vae"].config, m["dense_dit"].config
+        if ddit.cond_channels != enc_c:
+            raise D3S2Error(f"dense_dit.cond_channels {ddit.cond_channels} != image encoder width {enc_c}")
+        if dvae.latent_resolution != ddit.resolution or dvae.latent_channels != ddit.in_channels:
+            raise D3S2Error(f"dense_dit (res {ddit.resolution}, {ddit.in_channels} ch) does not match the dense VAE "
+                            f"latent (res {dvae.latent_resolution}, {dvae.latent_channels} ch)")
+        for s in ("512", "1024"):
+            if f"ss_dit_{s}" not in m:
+                continue
+            dit, vae = m[f"ss_dit_{s}"].config, m[f"ss_vae_{s}"].cfg
+            if dit.cond_channels != enc_c:
+                raise D3S2Error(f"ss_dit_{s}.cond_channels {dit.cond_channels} != image encoder width {enc_c}")
+            if dit.in_channels != vae.latent_channels:
+                raise D3S2Error(f"ss_dit_{s} has {dit.in_channels} channels, ss_vae_{s} latent has "
+                                f"{vae.latent_channels}")
+
+    @property
+    def resolution_512(self) -> int:
+        """Voxel grid of the first sparse stage (512 for the release; smaller for the tiny configs)."""
+        return self.models["dense_vae"].config.resolution * self.models["ss_vae_512"].cfg.downsample_factor
+
+    @property
+    def resolution_1024(self) -> int | None:
+        return 2 * self.resolution_512 if "ss_dit_1024" in self.models else None
+
+    @classmethod
+    def from_config(cls, config: str | os.PathLike | dict, seed: int | None = 0, **kwargs) -> "ImageTo3DPipeline":
+        """Random-weight pipeline from a pipeline YAML (``configs/pipeline_*.yaml`` name, path, or parsed dict)."""
+        from d3s2.models.image_encoder import DINOv2Encoder
+
+        if isinstance(config, dict):
+            data, where = config, "pipeline config"
+        else:
+            path = resolve_config_path(config)
+            data, where = load_yaml(path), path.name
+        comps, enc_cfg, settings = cls._parse(data, where)
+        if seed is not None:
+            torch.manual_seed(seed)
+        models = {"image_encoder": DINOv2Encoder(enc_cfg)}
+        for name, comp in comps.items():
+            models[name] = _model_class(comp.model)(comp.params)
+        samplers = {n: c.sampler for n, c in comps.items() if c.sampler is not None}
+        return cls(models, samplers, settings, component_configs=comps, encoder_config=enc_cfg, **kwargs)
+
+    @staticmethod
+    def _parse(data: dict, where: str):
+        unknown = set(data) - {"format", "image_encoder", "components", "settings"}
+        if unknown:
+            raise D3S2Error(f"{where}: unknown top-level key '{sorted(unknown)[0]}' "
+                            "(valid: format, image_encoder, components, settings)")
+        spec = data.get("components") or {}
+        missing = [c for c in COMPONENTS[1:] if c not in spec]
+        if missing:
+            raise D3S2Error(f"{where}: components is missing {', '.join(missing)}")
+        extra = set(spec) - set(COMPONENTS) - set(OPTIONAL_COMPONENTS)
+        if extra:
+            raise D3S2Error(f"{where}: unknown component '{sorted(extra)[0]}'")
+        comps = {n: _parse_component(n, spec[n], where) for n in (*COMPONENTS[1:], *OPTIONAL_COMPONENTS) if n in spec}
+        enc = _encoder_config(data.get("image_encoder"), where)
+        settings = from_dict(PipelineSettings, data.get("settings"), f"{where}:settings")
+        return comps, enc, settings
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None, low_vram: bool | None = None,
+                        **kwargs) -> "ImageTo3DPipeline":
+        """Load a folder written by :meth:`save_pretrained` (``pipeline.yaml`` + one safetensors file per model), or
+        the authors' release layout (``config.yaml`` + ``.ckpt``; see :mod:`d3s2.pipelines.official`)."""
+        from safetensors.torch import load_file
+
+        from d3s2.models.image_encoder import DINOv2Encoder
+
+        folder = Path(path)
+        if not folder.is_dir() and os.fspath(path).lower().startswith("wushuang98/direct3d-s2"):
+            from d3s2.pipelines.official import load_official_pipeline  # hub id: the authors' release, cache only
+
+            return load_official_pipeline(path, device=device, dtype=dtype, low_vram=low_vram, **kwargs)
+        if not folder.is_dir():
+            raise D3S2Error(f"weights folder not found: {folder} (give a folder saved by save_pretrained, with "
+                            "pipeline.yaml and one .safetensors file per model)")
+        cfg_path = folder / "pipeline.yaml"
+        if not cfg_path.is_file():
+            if (folder / "config.yaml").is_file():
+                from d3s2.pipelines.official import load_official_pipeline
+
+                return load_official_pipeline(folder, device=device, dtype=dtype, low_vram=low_vram, **kwargs)
+            raise D3S2Error(f"{folder}: no pipeline.yaml: not a d3s2 pipeline folder (save one with "
+                            "ImageTo3DPipeline.save_pretrained)")
+        data = load_yaml(cfg_path)
+        if data.get("format") != FORMAT_TAG:
+            raise D3S2Error(f"{cfg_path}: format {data.get('format')!r} is not {FORMAT_TAG!r}")
+        comps, enc_cfg, settings = cls._parse(data, cfg_path.name)
+        models: dict[str, torch.nn.Module] = {}
+        names = ["image_encoder", *comps]
+        for name in names:
+            f = folder / f"{name}.safetensors"
+            if not f.is_file():
+                raise D3S2Error(f"{folder}: missing weights file {f.name}")
+            model = DINOv2Encoder(enc_cfg) if name == "image_encoder" else _model_class(comps[name].model)(
+                comps[name].params)
+            try:
+                sd = load_file(str(f))
+            except Exception as exc:  # safetensors raises its own error types on corrupt headers
+                raise D3S2Error(f"{f}: not a readable safetensors file ({' '.join(str(exc).split())[:200]})") from exc
+            try:
+                model.load_state_dict(sd, strict=True)
+            except RuntimeError as exc:
+                raise D3S2Error(f"{f}: weights do not match the config in pipeline.yaml "
+                                f"({' '.join(str(exc).split())[:300]})") from exc
+            models[name] = model
+        samplers = {n: c.sampler for n, c in comps.items() if c.sampler is not None}
+        return cls(models, samplers, settings, device=device, dtype=dtype, low_vram=low_vram,
+                   component_configs=comps, encoder_config=enc_cfg, **kwargs)
+
+    def _yaml_dict(self) -> dict:
+        comps = {}
+        for name in (*COMPONENTS[1:], *OPTIONAL_COMPONENTS):
+            if name not in self.models:
+                continue
+            m = self.models[name]
+            params = m.config if hasattr(m, "config") and dataclasses.is_dataclass(m.config) else m.cfg
+            entry = {"model": _KIND[name], "params": dataclasses.asdict(params)}
+            if self.samplers.get(name) is not None:
+                entry["sampler"] = dataclasses.asdict(self.samplers[name])
+            comps[name] = entry
+        enc = dataclasses.asdict(self.models["image_encoder"].config)
+        enc.pop("weights", None)
+        return {"format": FORMAT_TAG, "image_encoder": enc, "components": comps,
+                "settings": dataclasses.asdict(self.settings)}
+
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        """Write ``pipeline.yaml`` + ``<component>.safetensors`` into ``path``; the files are written in a temporary
+        folder beside it and moved in afterwards, ``pipeline.yaml`` last, so a reader never loads a half-saved
+        pipeline."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            for name, m in self.models.items():
+                sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in m.state_dict().items()}
+                save_file(sd, str(tmp / f"{name}.safetensors"))
+            (tmp / "pipeline.yaml").write_text(
+                "# d3s2 image-to-3D pipeline (ImageTo3DPipeline.save_pretrained)\n"
+                + yaml.safe_dump(self._yaml_dict(), sort_keys=False))
+            if not path.exists():
+                os.replace(tmp, path)
+            else:
+                if (path / "pipeline.yaml").exists():
+                    os.unlink(path / "pipeline.yaml")
+                for f in sorted(tmp.iterdir(), key=lambda p: p.name == "pipeline.yaml"):
+                    os.replace(f, path / f.name)
+                tmp.rmdir()
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return path
+
+    # ------------------------------------------------------------------ helpers
+    def _use(self, *names: str):
+        """Context: the named models on the compute device (moved back to the CPU afterwards when low_vram)."""
+        pipe = self
+
+        class _Ctx:
+            def __enter__(self):
+                if pipe.low_vram:
+                    for n in names:
+                        pipe.models[n].to(pipe.device)
+                return [pipe.models[n] for n in names]
+
+            def __exit__(self, *exc):
+                if pipe.low_vram:
+                    for n in names:
+                        pipe.models[n].to("cpu")
+                    if pipe.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                return False
+
+        return _Ctx()
+
+    def _stage(self, name: str, stats: list, fn: Callable, *args, **kwargs):
+        _peak_reset(self.device)
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        stats.append({"stage": name, "seconds": time.perf_counter() - t0, "peak_gpu_bytes": _peak(self.device)})
+        return out
+
+    def _sampler(self, name: str, steps: int | None, cfg: float | None, shift: float | None):
+        from d3s2.flow.sampler import SamplerConfig
+
+        defaults = {"dense_dit": (50, 6.0), "ss_dit_512": (30, 6.0), "ss_dit_1024": (15, 8.0)}[name]
+        base = self.samplers.get(name) or SamplerConfig(steps=defaults[0], cfg_scale=7.0, shift=defaults[1])
+        return SamplerConfig(steps=steps if steps is not None else base.steps,
+                             cfg_scale=cfg if cfg is not None else base.cfg_scale,
+                             shift=shift if shift is not None else base.shift, t_scale=base.t_scale)
+
+    def _randn(self, shape, generator, dtype=torch.float32) -> torch.Tensor:
+        # Noise is drawn on the CPU so that a seed gives the same result on any device.
+        return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device, dtype)
+
+    def _sample(self, name, model, noise, cond, uncond, cfg, kwargs, progress, desc):
+        from d3s2.flow.sampler import sample_euler
+        from d3s2.flow.latents import is_sparse
+
+        guided = cfg.cfg_scale != 1.0
+        calls = cfg.steps * (2 if guided and is_sparse(noise) else 1)
+        bar = _Bar(model, calls, desc, progress)
+        try:
+            return sample_euler(bar, noise, cond, uncond, steps=cfg.steps, cfg_scale=cfg.cfg_scale, shift=cfg.shift,
+                                t_scale=cfg.t_scale, model_kwargs=kwargs)
+        finally:
+            bar.close()
+
+    # ------------------------------------------------------------------ stages
+    @torch.no_grad()
+    def encode_images(self, images: list) -> torch.Tensor:
+        from d3s2.pipelines.preprocess import preprocess_image
+
+        size = self.models["image_encoder"].config.image_size
+        return torch.stack([preprocess_image(im, size=size, pad=self.settings.image_pad,
+                                             background_remover=self.background_remover) for im in images])
+
+    @torch.no_grad()
+    def _condition(self, pixels: torch.Tensor):
+        from d3s2.models.conditioning import sparse_condition
+
+        with self._use("image_encoder") as (enc,):
+            tokens = enc(pixels.to(self.device)).float()
+        out = {"dense": tokens}
+        for s in ("512", "1024"):
+            dit = self.models.get(f"ss_dit_{s}")
+            if dit is not None and dit.config.sparse_conditioning:
+                num_prefix = 1 + int(enc.config.num_registers)
+                out[s] = sparse_condition(tokens, pixels[:, 3].to(self.device), num_prefix)
+        return out
+
+    @torch.no_grad()
+    def _structure(self, cond, generator, steps, cfg, shift, progress) -> torch.Tensor:
+        from d3s2.models.dense_vae import occupancy_to_coords
+
+        dit_cfg = self.models["dense_dit"].config
+        b = cond["dense"].shape[0]
+        r = dit_cfg.resolution
+        noise = self._randn((b, dit_cfg.in_channels, r, r, r), generator, self.dtype)
+        sc = self._sampler("dense_dit", steps, cfg, shift)
+        with self._use("dense_dit") as (dit,):
+            tokens = cond["dense"].to(self.dtype)
+            latent = self._sample("dense_dit", dit, noise, tokens, torch.zeros_like(tokens), sc, {}, progress,
+                                  "structure")
+        with self._use("dense_vae") as (vae,):
+            logits = vae.decode(latent)
+        coords = occupancy_to_coords(logits, self.settings.occupancy_threshold)
+        counts = torch.bincount(coords[:, 0].long(), minlength=b)
+        empty = torch.nonzero(counts == 0).flatten().tolist()
+        if empty:
+            raise D3S2Error(f"no shape found for image(s) {empty} (the structure stage gave no voxels); "
+                            "try another seed")
+        return coords
+
+    @torch.no_grad()
+    def _sparse(self, stage: str, coords: torch.Tensor, b: int, cond, generator, steps, cfg, shift, progress,
+                chunk: int | None):
+        from d3s2.sparse import SparseTensor
+
+        dit_name, vae_name = f"ss_dit_{stage}", f"ss_vae_{stage}"
+        dit_cfg = self.models[dit_name].config
+        coords = coords.to(self.device, torch.int32)
+        noise = self._randn((coords.shape[0], dit_cfg.in_channels), generator, self.dtype)
+        x = SparseTensor(noise, coords, batch_size=b)
+        sc = self._sampler(dit_name, steps, cfg, shift)
+        if stage in cond:  # sparse conditioning (v1.0)
+            sparse = cond[stage]
+            tokens = sparse.tokens.to(self.dtype)
+            kwargs = {"cond_mask": sparse.mask, "cond_coords": sparse.coords}
+        else:
+            tokens, kwargs = cond["dense"].to(self.dtype), {}
+        with self._use(dit_name) as (dit,):
+            latent = self._sample(dit_name, dit, x, tokens, torch.zeros_like(tokens), sc, kwargs, progress,
+                                  f"sparse {stage}")
+        with self._use(vae_name) as (vae,):
+            decoded = decode_sparse_chunked(vae, latent, chunk)
+        return decoded
+
+    def _meshes(self, decoded, b: int, resolution: int, level: float) -> list:
+        import trimesh
+
+        from d3s2.geometry.marching_cubes import sparse_marching_cubes
+
+        out = []
+        for i in range(b):
+            sel = decoded.coords[:, 0] == i
+            verts, faces = sparse_marching_cubes(decoded.coords[sel, 1:], decoded.feats[sel, 0].float(), resolution,
+                                                 level, world=True)
+            if len(faces) == 0:
+                raise D3S2Error(f"image {i}: the decoded SDF has no surface at level {level} at {resolution}^3; "
+                                "try another seed")
+            out.append(trimesh.Trimesh(verts.cpu().numpy(), faces.cpu().numpy(), process=False))
+        return out
+
+    def _band_coords(self, meshes: list, resolution: int) -> torch.Tensor:
+        from d3s2.data.sdf import unsigned_band
+
+        factor = self.models["ss_vae_1024"].cfg.downsample_factor
+        # the pipeline's device decides: warp's GPU queries on CUDA, libigl on the CPU
+        backend, dev = ("auto", str(self.device)) if self.device.type == "cuda" else ("cpu", None)
+        parts = []
+        for i, mesh in enumerate(meshes):
+            coords, _ = unsigned_band(mesh, resolution, self.settings.band_voxels / resolution, backend=backend,
+                                      device=dev)
+            if len(coords) == 0:
+                raise D3S2Error(f"image {i}: the 512 mesh has no band voxels at {resolution}^3")
+            parts.append(latent_shell_coords(coords, factor, batch=i))
+        return torch.cat(parts)
+
+    # ------------------------------------------------------------------ call
+    @torch.no_grad()
+    def __call__(self, image, generator: torch.Generator | None = None, resolution: int = 512,
+                 num_inference_steps: dict | int | None = None, guidance_scale: dict | float | None = None,
+                 shift: dict | float | None = None, faces: int | None = None, progress: bool = True,
+                 structure_coords: torch.Tensor | None = None) -> list:
+        """Generate one mesh per image.
+
+        ``image``: a path, PIL image, array or a list of them. ``resolution``: 512 (first sparse stage) or 1024 (adds
+        the refinement stage; needs its models). For the tiny configs these name the stages, whose grids are
+        :attr:`resolution_512` / :attr:`resolution_1024`. ``num_inference_steps`` / ``guidance_scale`` / ``shift``:
+        one value for every stage or a dict with keys ``dense``, ``512``, ``1024`` (defaults from the configs, the
+        release's 50 / 30 / 15 steps, CFG 7, shift 6 / 6 / 8). ``faces``: decimate to about this many faces.
+        ``structure_coords``: DEBUGGING / BENCHMARK HOOK: int ``[N, 4]`` (batch, x, y, z) latent coordinates of the
+        first sparse stage that replace the structure stage (e.g. a real mesh's latent shell, so that random-weight
+        models see a realistic token set). Per-stage seconds and peak GPU bytes: :attr:`last_stats` and each mesh's
+        ``metadata["d3s2_stats"]``."""
+        images = list(image) if isinstance(image, (list, tuple)) else [image]
+        if not images:
+            raise D3S2Error("no images given")
+        if resolution not in (512, 1024):
+            raise D3S2Error(f"resolution must be 512 or 1024, got {resolution}")
+        if resolution == 1024 and "ss_dit_1024" not in self.models:
+            raise D3S2Error("this pipeline has no 1024 stage (ss_vae_1024 / ss_dit_1024); use resolution=512")
+        if generator is None:
+            generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
+
+        def per(v, key):
+            return v.get(key) if isinstance(v, dict) else v
+
+        stats: list[dict] = []
+        self.last_stats = stats
+        b = len(images)
+        t_all = time.perf_counter()
+        pixels = self._stage("preprocess", stats, self.encode_images, images)
+        cond = self._stage("condition", stats, self._condition, pixels)
+        if structure_coords is None:
+            coords = self._stage("structure", stats, self._structure, cond, generator,
+                                 per(num_inference_steps, "dense"), per(guidance_scale, "dense"), per(shift, "dense"),
+                                 progress)
+        else:
+            coords = torch.as_tensor(structure_coords).to(torch.int32)
+            if coords.ndim != 2 or coords.shape[1] != 4 or coords.shape[0] == 0:
+                raise D3S2Error("structure_coords must be a non-empty int tensor [N, 4] (batch, x, y, z)")
+            r = self.models["dense_vae"].config.resolution
+            if int(coords[:, 1:].min()) < 0 or int(coords[:, 1:].max()) >= r or int(coords[:, 0].max()) >= b:
+                raise D3S2Error(f"structure_coords must lie in [0, {r}) with batch index < {b}")
+        r512 = self.resolution_512
+
+        def stage512():
+            dec = self._sparse("512", coords, b, cond, generator, per(num_inference_steps, "512"),
+                               per(guidance_scale, "512"), per(shift, "512"), progress,
+                               self.settings.decode_chunk)
+            return self._meshes(dec, b, r512, self.settings.mc_level_512)
+
+        meshes = self._stage("sparse_512", stats, stage512)
+        if resolution == 1024:
+            r1024 = self.resolution_1024
+
+            def stage1024():
+                c = self._band_coords(meshes, r1024)
+                dec = self._sparse("1024", c, b, cond, generator, per(num_inference_steps, "1024"),
+                                   per(guidance_scale, "1024"), per(shift, "1024"), progress,
+                                   self.settings.decode_chunk)
+                return self._meshes(dec, b, r1024, self.settings.mc_level_1024)
+
+            meshes = self._stage("sparse_1024", stats, stage1024)
+
+        def cleanup():
+            from d3s2.geometry.cleanup import clean_mesh
+
+            return [clean_mesh(m, min_area_fraction=self.settings.min_area_fraction, target_faces=faces)
+                    for m in meshes]
+
+        meshes = self._stage("cleanup", stats, cleanup)
+        stats.append({"stage": "total", "seconds": time.perf_counter() - t_all,
+                      "peak_gpu_bytes": max((s["peak_gpu_bytes"] or 0 for s in stats), default=0)
+                      if self.device.type == "cuda" else None})
+        for m in meshes:
+            m.metadata["d3s2_stats"] = [dict(s) for s in stats]
+        return meshes

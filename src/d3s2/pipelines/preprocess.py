@@ -1,0 +1,156 @@
+"""Image preprocessing of the inference recipe (shared/reference/official-release.md, step 1; paper Sec. 5.2).
+
+RGBA alpha is the foreground mask. Without a usable alpha channel (none, or fully opaque) the mask comes from a
+background-removal callable the user supplies (the release uses BiRefNet; d3s2 bundles none), else from a simple
+border-colour segmentation (the median colour of the image border is the background), with a warning because that
+only works on plain backgrounds. Then: crop to the mask's bounding box, composite on white, pad to a square, resize to
+``size`` (518), pad ``pad`` px (16) on every side, resize to ``size`` again. Output: ``[4, size, size]`` float in
+[0, 1], RGB + mask.
+
+Grayscale / palette / 16-bit / CMYK images are converted to RGB(A); images larger than ``max_input_size`` on a side are
+downscaled first (memory and time of the segmentation). An empty mask raises :class:`~d3s2.errors.D3S2Error`.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from d3s2.errors import D3S2Error
+
+__all__ = ["load_image", "preprocess_image", "border_color_mask", "RELEASE_SIZE", "RELEASE_PAD"]
+
+RELEASE_SIZE = 518
+RELEASE_PAD = 16
+BORDER_THRESHOLD = 0.12  # Euclidean RGB distance in [0, 1] units from the border colour that counts as foreground
+
+
+def load_image(image: Any, max_input_size: int = 2048):
+    """Path / PIL image / uint8 or float array ``[H, W, (1|3|4)]`` -> PIL image in mode RGB or RGBA, downscaled so
+    that its longer side is at most ``max_input_size``. Unreadable files raise D3S2Error."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, (str, os.PathLike)):
+        path = os.fspath(image)
+        if not os.path.isfile(path):
+            raise D3S2Error(f"image not found: {path}")
+        try:
+            with Image.open(path) as im:
+                im.load()
+                img = im.copy()
+        except UnidentifiedImageError as exc:
+            raise D3S2Error(f"{path}: not an image file PIL can read (use PNG, JPEG, WebP, ...)") from exc
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise D3S2Error(f"{path}: cannot decode the image ({' '.join(str(exc).split())}); the file may be "
+                            "truncated or corrupt") from exc
+    elif isinstance(image, Image.Image):
+        img = image
+    elif isinstance(image, (np.ndarray, torch.Tensor)):
+        arr = np.asarray(image.detach().cpu() if isinstance(image, torch.Tensor) else image)
+        if arr.ndim == 3 and arr.shape[-1] == 1:
+            arr = arr[..., 0]
+        if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
+            raise D3S2Error(f"image array must be [H, W], [H, W, 3] or [H, W, 4], got shape {arr.shape}")
+        if arr.dtype != np.uint8:
+            arr = (np.clip(arr.astype(np.float64), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        img = Image.fromarray(arr)
+    else:
+        raise D3S2Error(f"unsupported image type {type(image).__name__}: give a path, a PIL image or an array")
+    if img.width < 1 or img.height < 1:
+        raise D3S2Error("image has no pixels")
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info)
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit / float grayscale: scale to 8 bit first
+        a = np.asarray(img, dtype=np.float64)
+        hi = a.max() if a.max() > 0 else 1.0
+        img = Image.fromarray((a / hi * 255.0 + 0.5).astype(np.uint8))
+    img = img.convert("RGBA" if has_alpha else "RGB")
+    if max(img.size) > max_input_size:
+        scale = max_input_size / max(img.size)
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.LANCZOS)
+    return img
+
+
+def border_color_mask(rgb: np.ndarray, threshold: float = BORDER_THRESHOLD) -> np.ndarray:
+    """Foreground mask ``[H, W]`` in {0, 1}: pixels farther than ``threshold`` from the median border colour."""
+    border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]], axis=0)
+    bg = np.median(border, axis=0)
+    return (np.linalg.norm(rgb - bg, axis=-1) > threshold).astype(np.float32)
+
+
+def _mask_from_remover(remover: Callable, img) -> np.ndarray:
+    from PIL import Image
+
+    out = remover(img)
+    if isinstance(out, Image.Image):
+        if out.mode in ("RGBA", "LA"):
+            out = out.getchannel("A")
+        arr = np.asarray(out.convert("L"), dtype=np.float32) / 255.0
+    else:
+        arr = np.asarray(out.detach().cpu() if isinstance(out, torch.Tensor) else out, dtype=np.float32)
+        arr = np.squeeze(arr)
+        if arr.size and arr.max() > 1.0:
+            arr = arr / 255.0
+    if arr.shape != (img.height, img.width):
+        raise D3S2Error(f"background remover returned a mask of shape {arr.shape}, expected {(img.height, img.width)}")
+    return np.clip(arr, 0.0, 1.0)
+
+
+def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    return F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+
+
+def preprocess_image(
+    image: Any,
+    size: int = RELEASE_SIZE,
+    pad: int | None = None,
+    background_remover: Callable | None = None,
+    max_input_size: int = 2048,
+    source: str | None = None,
+) -> torch.Tensor:
+    """One image -> ``[4, size, size]`` float in [0, 1] (RGB composited on white + mask), see module docstring.
+
+    ``pad``: margin after the first resize (default 16 px at 518, scaled with ``size``). ``background_remover``:
+    ``f(PIL RGB image) -> PIL RGBA / L image or [H, W] mask``, used when the image has no usable alpha."""
+    name = source or (os.fspath(image) if isinstance(image, (str, os.PathLike)) else "image")
+    if pad is None:
+        pad = round(RELEASE_PAD * size / RELEASE_SIZE)
+    img = load_image(image, max_input_size)
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    rgb = arr[..., :3]
+    mask = arr[..., 3] if arr.shape[-1] == 4 else None
+    if mask is not None and mask.min() >= 1.0:  # fully opaque alpha carries no mask
+        mask = None
+    if mask is None:
+        if background_remover is not None:
+            mask = _mask_from_remover(background_remover, img.convert("RGB"))
+        else:
+            warnings.warn(f"{name}: no alpha channel; separating the object from the background by the border colour "
+                          "(works on plain backgrounds only): pass an RGBA image or a background_remover",
+                          stacklevel=2)
+            mask = border_color_mask(rgb)
+    ys, xs = np.nonzero(mask > 0)
+    if len(ys) == 0:
+        raise D3S2Error(f"{name}: the foreground mask is empty (alpha is 0 everywhere or no object found); "
+                        "give an image with the object visible and a transparent or plain background")
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    rgb, mask = rgb[y0:y1, x0:x1], mask[y0:y1, x0:x1, None]
+    rgb = rgb * mask + (1.0 - mask)  # composite on white
+    x = torch.from_numpy(np.concatenate([rgb, mask], axis=-1)).permute(2, 0, 1).contiguous()  # [4, h, w]
+    h, w = x.shape[1:]
+    side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
+    sq = torch.zeros(4, side, side)
+    sq[:3] = 1.0
+    sq[:, top:top + h, left:left + w] = x
+    x = _resize(sq, size)
+    if pad > 0:
+        padded = torch.zeros(4, size + 2 * pad, size + 2 * pad)
+        padded[:3] = 1.0
+        padded[:, pad:pad + size, pad:pad + size] = x
+        x = _resize(padded, size)
+    return x.clamp_(0.0, 1.0)

@@ -1,0 +1,298 @@
+"""``ss_dit`` training task: rectified flow (paper Sec. 4.3, Eq. 10-11) on sparse SS-VAE latents (Sec. 4), image-
+conditioned (Sec. 4.2; sparse conditioning Eq. 9 when the DiT config has ``sparse_conditioning``), with progressive
+resolution phases (Table 1) given as ``phases:`` of the training YAML.
+
+Latents (``task_args.latents``):
+
+* ``vae``: each batch's prepared sparse SDFs (``sdf_<R>.npz``) are encoded by a frozen SS-VAE
+  (``task_args.vae`` + ``vae_checkpoint``); ``x_0`` = posterior mean * ``latent_scale``.
+* ``files``: precomputed ``latent_<R>.npz`` files (``d3s2 encode-latents``, raw posterior means);
+  ``x_0`` = file features * ``latent_scale``. Both paths give the same ``x_0`` for the same VAE.
+
+Image encoder (``task_args.image_encoder``):
+
+* ``tiny``: a small DINOv2-shaped network (:meth:`ImageEncoderConfig.tiny`, width = the DiT's ``cond_channels``),
+  trained with the DiT (CPU runs, tests).
+* ``dinov2``: DINOv2 ViT-L/14-reg, frozen, weights from ``dinov2_weights`` or the local caches; it runs outside the
+  trainable module (in ``prepare_batch``), so it is neither checkpointed nor sharded.
+
+The encoder sees RGB + mask ``[B, 4, S, S]`` resized to its ``image_size``; condition dropout for classifier-free
+guidance zeroes the tokens with probability ``flow.cond_drop_prob`` (coordinates and key mask kept, the released
+models' unconditional input). Gradient checkpointing per DiT block: ``gradient_checkpointing: true`` in the YAML.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from d3s2.errors import D3S2Error
+from d3s2.train.config import TrainConfig
+from d3s2.train.tasks import Task, model_config_from, register_task
+
+__all__ = ["SSDiTTask", "SSDiTTrainModule", "load_frozen_ss_vae", "items_tau"]
+
+
+def load_frozen_ss_vae(vae_spec: Any, checkpoint: str, device: torch.device) -> nn.Module:
+    """An SS-VAE from its model config and a checkpoint of an ``ss_vae`` run (EMA preferred), frozen, in eval mode."""
+    from d3s2.config import build_model
+    from d3s2.models.ss_vae import load_official_state_dict
+    from d3s2.train.checkpoint import load_weights
+
+    cfg = model_config_from(vae_spec, "task_args.vae")
+    if cfg.model != "ss_vae":
+        raise D3S2Error(f"task_args.vae must be an ss_vae model config, got '{cfg.model}'")
+    vae = build_model(cfg)
+    sd = load_weights(checkpoint)
+    if any(k.startswith("vae.") for k in sd):  # a checkpoint of an ss_vae run (train module keys)
+        sd = {k[4:]: v for k, v in sd.items() if k.startswith("vae.")}
+    try:
+        load_official_state_dict(vae, sd, key_map={})
+    except RuntimeError as exc:
+        raise D3S2Error(f"{checkpoint}: weights do not match task_args.vae ({str(exc).splitlines()[0]})") from exc
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def items_tau(items: list[dict], where: str) -> float:
+    """The one SDF band ``tau`` all prepared items share (the VAE's input scaling)."""
+    taus = {float(it.get("tau", 0.0)) for it in items}
+    if len(taus) != 1 or 0.0 in taus:
+        raise D3S2Error(f"{where}: items were prepared with different or missing tau {sorted(taus)}; set task_args.tau")
+    return taus.pop()
+
+
+class _ImageSparseDataset(torch.utils.data.Dataset):
+    """Keys ``(item_index, resolution, epoch)`` -> one item's sparse geometry (SDF or latent) at that resolution and a
+    rendered view; the view is a function of (seed, epoch, index), reproducible in any worker."""
+
+    def __init__(self, root: str, source: str, seed: int) -> None:
+        from d3s2.data.datasets import load_items
+
+        self.root, self.source, self.seed = root, source, seed
+        self.items = [it for it in load_items(root) if it.get("views")]
+        if not self.items:
+            raise D3S2Error(f"{root}: no item has renders; run `d3s2 prepare` with --views")
+        self._by_res: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _dataset(self, resolution: int):
+        from d3s2.data.datasets import ImageLatentDataset
+
+        if resolution not in self._by_res:
+            ds = ImageLatentDataset(self.root, resolution, source=self.source, seed=self.seed)
+            self._by_res[resolution] = (ds, {it["item_id"]: j for j, it in enumerate(ds.items)})
+        return self._by_res[resolution]
+
+    def __getitem__(self, key) -> dict:
+        index, resolution, epoch = key
+        if resolution is None:
+            raise D3S2Error("task ss_dit needs a resolution per batch: set phases[].resolution or data.resolutions")
+        ds, rows = self._dataset(int(resolution))
+        item_id = self.items[index]["item_id"]
+        j = rows.get(item_id)
+        if j is None:
+            what = f"latent_{resolution}.npz (run d3s2 encode-latents)" if self.source == "latent" else \
+                f"sdf_{resolution}.npz (prepare that resolution or change phases)"
+            raise D3S2Error(f"item {item_id} has no {what}")
+        ds.epoch = int(epoch)
+        it = ds[j]
+        return {"coords": it["coords"], "feats": it["feats"], "image": it["image"], "mask": it["mask"],
+                "resolution": int(resolution), "item_id": item_id}
+
+
+def _collate(items: list[dict], sdf: bool) -> dict:
+    """``sdf``: the features are SDF voxels at the batch resolution (else latents on the R / 8 grid)."""
+    from d3s2.data.datasets import _batch_coords
+    from d3s2.sparse import SparseTensor
+
+    res = {i["resolution"] for i in items}
+    if len(res) != 1:
+        raise D3S2Error(f"a batch mixes resolutions {sorted(res)}")
+    r = res.pop()
+    x = SparseTensor(torch.cat([i["feats"] for i in items]), _batch_coords([i["coords"] for i in items]),
+                     batch_size=len(items), resolution=r if sdf else None)
+    return {"x": x, "image": torch.stack([i["image"] for i in items]), "mask": torch.stack([i["mask"] for i in items]),
+            "resolution": r, "item_ids": [i["item_id"] for i in items]}
+
+
+def encoder_input(image: torch.Tensor, mask: torch.Tensor, size: int) -> torch.Tensor:
+    """RGB ``[B, 3, H, W]`` + mask ``[B, 1, H, W]`` -> ``[B, 4, size, size]`` for the image encoder."""
+    x = torch.cat([image, mask], dim=1).float()
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return x
+
+
+class SSDiTTrainModule(nn.Module):
+    """DiT (+ the trainable tiny image encoder). ``forward(batch)`` -> ``{"loss", "t_mean"}``.
+
+    ``batch["x0"]``: the sparse latent; ``batch["cond_tokens"]`` (frozen encoder, computed outside) or
+    ``batch["image"]`` + ``batch["mask"]`` (trainable encoder inside)."""
+
+    def __init__(self, dit: nn.Module, encoder: nn.Module | None, flow_cfg, sparse: bool, image_size: int,
+                 num_prefix: int) -> None:
+        super().__init__()
+        self.dit, self.encoder, self.flow_cfg = dit, encoder, flow_cfg
+        self.sparse, self.image_size, self.num_prefix = sparse, image_size, num_prefix
+
+    def condition(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        from d3s2.models.conditioning import sparse_condition
+
+        if self.encoder is not None:
+            tokens = self.encoder(encoder_input(batch["image"], batch["mask"], self.image_size))
+        else:
+            tokens = batch["cond_tokens"]
+        if not self.sparse:
+            return tokens, {}
+        c = sparse_condition(tokens, batch["mask"], self.num_prefix)
+        return c.tokens, c.model_kwargs()
+
+    def forward(self, batch: dict, t: torch.Tensor | None = None, eps: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        from d3s2.flow.rectified import flow_matching_loss
+
+        cond, kwargs = self.condition(batch)
+        out = flow_matching_loss(self.dit, batch["x0"], cond, self.flow_cfg, generator=generator, t=t, eps=eps,
+                                 **kwargs)
+        return {"loss": out["loss"], "t_mean": out["t"].mean().detach()}
+
+
+@register_task("ss_dit")
+class SSDiTTask(Task):
+    """SS-DiT on sparse latents (see the module docstring for ``task_args``)."""
+
+    task_args = {
+        "latents": "vae",  # vae | files
+        "vae": None,
+        "vae_checkpoint": None,
+        "tau": None,  # SDF band of the prepared data (default: the items' tau)
+        "latent_scale": 1.0,
+        "image_encoder": "tiny",  # tiny | dinov2
+        "image_encoder_params": {},  # ImageEncoderConfig overrides
+        "dinov2_weights": None,
+    }
+    validate_under_fsdp = True
+
+    def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
+        super().__init__(cfg, device)
+        from d3s2.flow.rectified import FlowConfig
+        from d3s2.models.image_encoder import ImageEncoderConfig
+
+        a = self.args
+        self.model_cfg = model_config_from(cfg.model)
+        if self.model_cfg.model != "ss_dit":
+            raise D3S2Error(f"task ss_dit needs an ss_dit model config, got '{self.model_cfg.model}'")
+        self.flow_cfg = self.model_cfg.flow or FlowConfig()
+        p = self.model_cfg.params
+        if a["latents"] not in ("vae", "files"):
+            raise D3S2Error(f"task_args.latents must be 'vae' or 'files', got {a['latents']!r}")
+        self.vae = None
+        self._tau = a["tau"]
+        if a["latents"] == "vae":
+            if not a["vae"] or not a["vae_checkpoint"]:
+                raise D3S2Error("task ss_dit with latents: vae needs task_args.vae (model config) and "
+                                "task_args.vae_checkpoint (trained SS-VAE weights); or use latents: files")
+            self.vae = load_frozen_ss_vae(a["vae"], a["vae_checkpoint"], device)
+            if self.vae.cfg.latent_channels != p.in_channels:
+                raise D3S2Error(f"the SS-VAE latent has {self.vae.cfg.latent_channels} channels but the SS-DiT "
+                                f"expects in_channels {p.in_channels}")
+        enc = a["image_encoder"]
+        if enc not in ("tiny", "dinov2"):
+            raise D3S2Error(f"task_args.image_encoder must be 'tiny' or 'dinov2', got {enc!r}")
+        if not isinstance(a["image_encoder_params"], dict):
+            raise D3S2Error("task_args.image_encoder_params must be a mapping of ImageEncoderConfig fields")
+        from d3s2.config import from_dict
+
+        base = ImageEncoderConfig.tiny(embed_dim=p.cond_channels) if enc == "tiny" else ImageEncoderConfig()
+        params = {**base.__dict__, **a["image_encoder_params"]}
+        self.enc_cfg = from_dict(ImageEncoderConfig, params, "task_args.image_encoder_params")
+        if self.enc_cfg.embed_dim != p.cond_channels:
+            raise D3S2Error(f"image encoder width {self.enc_cfg.embed_dim} != the SS-DiT's cond_channels "
+                            f"{p.cond_channels}")
+        self.frozen_encoder = None
+        if enc == "dinov2":
+            from d3s2.models.image_encoder import DINOv2Encoder
+
+            self.frozen_encoder = DINOv2Encoder(self.enc_cfg, weights=a["dinov2_weights"], load_weights=True)
+            self.frozen_encoder.to(device).eval().requires_grad_(False)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def build_module(self) -> nn.Module:
+        from d3s2.config import build_model
+        from d3s2.models.image_encoder import DINOv2Encoder
+
+        dit = build_model(self.model_cfg)
+        encoder = None
+        if self.frozen_encoder is None:
+            encoder = DINOv2Encoder(self.enc_cfg)
+            # kept for DINOv2's key layout but never used in forward: frozen, so DDP sees no parameter without a grad
+            encoder.mask_token.requires_grad_(False)
+            encoder.norm.requires_grad_(False)
+        return SSDiTTrainModule(dit, encoder, self.flow_cfg, bool(self.model_cfg.params.sparse_conditioning),
+                                self.enc_cfg.image_size, 1 + self.enc_cfg.num_registers)
+
+    def build_dataset(self, split: str = "train"):
+        root = self.cfg.data.val_root if split == "val" and self.cfg.data.val_root else self.cfg.data.root
+        ds = _ImageSparseDataset(root, "sdf" if self.vae is not None else "latent", self.cfg.seed)
+        if self.vae is not None and self._tau is None:
+            self._tau = items_tau(ds.items, root)
+        return ds
+
+    def collate(self, items):
+        return _collate(items, sdf=self.vae is not None)
+
+    def to_device(self, batch: dict) -> dict:
+        out = dict(batch)
+        for k in ("x", "image", "mask"):
+            out[k] = batch[k].to(self.device)
+        return out
+
+    @torch.no_grad()
+    def prepare_batch(self, batch: dict) -> dict:
+        from d3s2.models.ss_vae_losses import scale_sdf
+
+        x = batch.pop("x")
+        scale = float(self.args["latent_scale"])
+        if self.vae is not None:
+            if self._tau is None:
+                self.build_dataset("train")
+            z, mean, _ = self.vae.encode(x.replace(scale_sdf(x.feats.float(), self._tau)), sample_posterior=False)
+            batch["x0"] = z.replace(mean.float() * scale)
+        else:
+            c = self.model_cfg.params.in_channels
+            if x.feats.shape[1] != c:
+                raise D3S2Error(f"latent files have {x.feats.shape[1]} channels but the SS-DiT expects {c}; "
+                                "re-encode with the matching SS-VAE")
+            batch["x0"] = x.replace(x.feats.float() * scale)
+        if self.frozen_encoder is not None:
+            batch["cond_tokens"] = self.frozen_encoder(
+                encoder_input(batch["image"], batch["mask"], self.enc_cfg.image_size))
+        return batch
+
+    def batch_stats(self, batch):
+        x0 = batch["x0"]
+        return {"samples": float(x0.batch_size), "tokens": float(x0.feats.shape[0])}
+
+    @torch.no_grad()
+    def validate(self, module: nn.Module, batch: dict) -> dict[str, float]:
+        """Flow loss at fixed t in {0.25, 0.5, 0.75}, fixed noise, no condition dropout (comparable across steps)."""
+        f = batch["x0"].feats
+        g = torch.Generator(device="cpu").manual_seed(1234)
+        eps = torch.randn(f.shape, generator=g).to(f.device)
+        saved = module.flow_cfg
+        module.flow_cfg = replace(saved, cond_drop_prob=0.0)
+        try:
+            vals = {}
+            for tv in (0.25, 0.5, 0.75):
+                t = torch.full((int(batch["x0"].batch_size),), tv, device=f.device)
+                vals[f"val_loss_t{int(tv * 100)}"] = float(module(batch, t=t, eps=eps)["loss"])
+        finally:
+            module.flow_cfg = saved
+        vals["val_loss"] = sum(vals.values()) / 3
+        return vals
