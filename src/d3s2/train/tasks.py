@@ -451,9 +451,10 @@ class SSVAETask(Task):
     or the phase's; losses L_in, L_ext, L_sharp, KL (Eq. 2-3, weights in the model config).
 
     ``task_args.tau``: the SDF band of the data (default: the ``tau`` the items were prepared with). Validation decodes
-    the posterior mean and compares the near-surface voxels (``|s| < tau / 2``) of the prediction and of the input:
-    Chamfer distance / F-score (threshold ``fscore_voxels`` voxels) on voxel centres in the [-1, 1] cube, and the mean
-    absolute SDF error on the input voxels (scaled units).
+    the posterior mean, extracts meshes from the decoded and the input sparse SDF (sparse marching cubes at level 0)
+    and compares ``val_points`` area-weighted surface samples of each: Chamfer distance / F-score (threshold
+    ``fscore_voxels`` voxels) in the [-1, 1] cube; plus the mean absolute SDF error on the input voxels (scaled units).
+    A sample whose decoded SDF has no surface scores F = 0.
     """
 
     task_args = {"tau": None, "fscore_voxels": 1.0, "val_points": 8192}
@@ -514,10 +515,8 @@ class SSVAETask(Task):
         cds, fss = [], []
         for b in range(int(x.batch_size)):
             def pts(t) -> torch.Tensor:
-                sel = (t.coords[:, 0] == b) & (t.feats[:, 0].float().abs() < 0.5)
-                p = -1.0 + (t.coords[sel, 1:].float() + 0.5) * (2.0 / r)
-                n = self.args["val_points"]
-                return p[torch.randperm(len(p), generator=g)[:n].to(p.device)] if len(p) > n else p
+                sel = t.coords[:, 0] == b
+                return surface_samples(t.coords[sel, 1:], t.feats[sel, 0], r, self.args["val_points"], g)
 
             p, q = pts(dec), pts(x)
             if len(p) and len(q):
@@ -529,6 +528,26 @@ class SSVAETask(Task):
         if cds:
             out["val_chamfer"] = sum(cds) / len(cds)
         return out
+
+
+def surface_samples(coords: torch.Tensor, sdf: torch.Tensor, resolution: int, n: int, generator: torch.Generator):
+    """``n`` area-weighted points on the level-0 surface of a sparse SDF (sparse marching cubes, [-1, 1] units);
+    an empty tensor when the SDF has no surface."""
+    from d3s2.geometry.marching_cubes import sparse_marching_cubes
+
+    v, f = sparse_marching_cubes(coords.cpu(), sdf.float().cpu(), resolution, level=0.0, world=True)
+    if len(f) == 0:
+        return torch.zeros(0, 3)
+    tri = v.double()[f]
+    area = torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]).norm(dim=1)
+    if float(area.sum()) <= 0:
+        return torch.zeros(0, 3)
+    face = torch.multinomial(area, n, replacement=True, generator=generator)
+    uv = torch.rand(n, 2, generator=generator, dtype=torch.float64)
+    flip = uv.sum(1) > 1
+    uv[flip] = 1 - uv[flip]
+    t = tri[face]
+    return (t[:, 0] + uv[:, :1] * (t[:, 1] - t[:, 0]) + uv[:, 1:] * (t[:, 2] - t[:, 0])).float()
 
 
 # SS-DiT (Sec. 4): imported on first use
