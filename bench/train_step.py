@@ -103,6 +103,14 @@ def timed_steps(step, device: torch.device, warmup: int, steps: int) -> dict:
     return {"seconds_per_step": statistics.median(times), "all_seconds": times, "peak_gib": peak_gib(device)}
 
 
+def record_failure(res: dict, exc: Exception, device) -> None:
+    """Record why a timed step failed (out of memory, or the error in one line) and the peak memory reached."""
+    if is_oom(exc):
+        res["oom"] = True
+    else:
+        res["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:400]}"
+    res["peak_gib"] = peak_gib(device)
+
 def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
@@ -192,11 +200,7 @@ def dit_bench(model_name: str, mode: str, coords: list[np.ndarray], cond_tokens:
         res["layout_ms"] = statistics.median(lay) * 1e3
         res["finite_loss"] = bool(math.isfinite(res["last_loss"]))
     except Exception as exc:  # noqa: BLE001 - one failing mode must not lose the other's numbers
-        if is_oom(exc):
-            res["oom"] = True
-        else:
-            res["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:400]}"
-        res["peak_gib"] = peak_gib(device)
+        record_failure(res, exc, device)
     finally:
         del model, opt
         reset_peak(device)
@@ -263,12 +267,8 @@ def vae_bench(model_name: str, resolution: int, voxels_target: int, tau: float, 
         res.update(timed_steps(step, device, warmup, steps))
         res["voxels_per_second"] = res["voxels"] / res["seconds_per_step"]
         res["finite_loss"] = bool(math.isfinite(res["last_loss"]))
-    except Exception as exc:  # noqa: BLE001
-        if is_oom(exc):
-            res["oom"] = True
-        else:
-            res["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:400]}"
-        res["peak_gib"] = peak_gib(device)
+    except Exception as exc:  # noqa: BLE001 - one failing step must not lose the other numbers
+        record_failure(res, exc, device)
     finally:
         del model, opt
         reset_peak(device)
