@@ -9,9 +9,8 @@ it with ``save_pretrained`` (atomic). Checks the 30 MB budget on the written fil
 
 Source of each component (train module prefix):  dense_vae <- runs/demo/dense_vae ("vae."),
 dense_dit <- runs/demo/dense_dit ("dit."), ss_vae_512 <- runs/demo/ss_vae ("vae."), ss_dit_512 <- runs/demo/ss_dit
-("dit."), image_encoder <- runs/demo/ss_dit ("encoder."; the SS-DiT task trains a DINOv2-shaped encoder).
-KNOWN GAP: the dense_dit task trains its own TinyImageEncoder (another class), so the structure DiT was conditioned
-on other tokens than the pipeline's single image encoder gives it; see demo/README.md.
+("dit."), image_encoder <- runs/demo/dense_dit ("encoder."; trained with the structure DiT, then frozen for the
+SS-DiT run: both stages saw the tokens of this one encoder).
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ SOURCES = {  # component -> (run folder, key prefix in the train module's state 
     "dense_dit": ("dense_dit", "dit."),
     "ss_vae_512": ("ss_vae", "vae."),
     "ss_dit_512": ("ss_dit", "dit."),
-    "image_encoder": ("ss_dit", "encoder."),
+    "image_encoder": ("dense_dit", "encoder."),
 }
 BUDGET_BYTES = 30_000_000
 

@@ -104,17 +104,23 @@ def test_demo_model_and_training_configs_load():
             entry = getattr(importlib.import_module(mod), cls)
         assert set(cfg.task_args) <= set(entry.task_args), (name, set(cfg.task_args) - set(entry.task_args))
     assert load_train_config("demo_train_ss_vae")[0].data.resolutions == [128, 256]
-    # the SS-DiT task trains the image encoder the bundle ships: same architecture as the pipeline's encoder
+    # one image encoder for both DiT stages: the structure DiT run trains it with the pipeline's architecture, the
+    # SS-DiT run loads that run's encoder frozen (the bundle ships it from the dense_dit run)
     from d3s2.config import load_yaml, resolve_config_path
     from d3s2.models.image_encoder import ImageEncoderConfig
     from d3s2.pipelines.image_to_3d import ImageTo3DPipeline
 
-    ss_dit = load_train_config("demo_train_ss_dit")[0]
-    trained = ImageEncoderConfig.tiny(embed_dim=load_model_config("demo_ss_dit").params.cond_channels,
-                                      **ss_dit.task_args["image_encoder_params"])
     path = resolve_config_path("demo_pipeline")
     _, shipped, _ = ImageTo3DPipeline._parse(load_yaml(path), path.name)
-    assert trained == shipped
+    dense, ss = load_train_config("demo_train_dense_dit")[0], load_train_config("demo_train_ss_dit")[0]
+    for run, model in ((dense, "demo_dense_dit"), (ss, "demo_ss_dit")):
+        cfg = ImageEncoderConfig.tiny(embed_dim=load_model_config(model).params.cond_channels,
+                                      **run.task_args["image_encoder_params"])
+        assert cfg == shipped, model
+    assert dense.task_args["image_encoder"] == "tiny" and ss.task_args["image_encoder"] == "checkpoint"
+    assert Path(ss.task_args["image_encoder_checkpoint"]) == Path(dense.checkpoint.dir)
+    b = _load("demo_bundle", REPO / "demo" / "bundle.py")
+    assert b.SOURCES["image_encoder"] == ("dense_dit", "encoder.")
 
 
 def test_zero_condition_blanks_the_image_tokens():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -13,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+
+from d3s2.errors import D3S2Error
 
 pytest.importorskip("trimesh")
 pytest.importorskip("igl")
@@ -31,6 +34,7 @@ VAE8 = {
                "encoder_res_blocks": 1, "encoder_middle_blocks": 1,
                "decoder_res_blocks": 1, "decoder_middle_blocks": 1},
 }
+ENC28 = {"image_size": 28, "depth": 1, "pos_grid": 2}  # tiny DINOv2-shaped encoder, 2 x 2 patches
 DIT4 = {
     "model": "dense_dit",
     "params": {"resolution": 4, "in_channels": 4, "out_channels": 4, "model_channels": 32, "cond_channels": 32,
@@ -98,7 +102,7 @@ def dit_cfg(prepared: Path, vae_ckpt: Path, out: Path, **over) -> dict:
     cfg = {
         "task": "dense_dit",
         "model": DIT4,
-        "task_args": {"vae": VAE8, "vae_checkpoint": str(vae_ckpt), "image_size": 16, "patch": 8},
+        "task_args": {"vae": VAE8, "vae_checkpoint": str(vae_ckpt), "image_encoder_params": ENC28},
         "data": {"root": str(prepared), "resolutions": [32], "batch_size": 2},
         "optim": {"lr": 2e-3},
         "phases": [{"steps": 3, "resolution": 32, "lr": 2e-3, "batch_size": 2},
@@ -332,6 +336,34 @@ def test_dense_dit_loss_goes_down(prepared, vae_weights, tmp_path):
     val = records(tmp_path / "metrics.jsonl", "val")
     assert len(val) == 4 and val[-1]["val_loss"] < 0.9 * val[0]["val_loss"]
     assert "tokens_per_s" in records(tmp_path / "metrics.jsonl", "train")[0]
+
+
+def test_dense_dit_frozen_encoder_from_another_run(prepared, vae_weights, tmp_path):
+    """``image_encoder: checkpoint``: the encoder trained by one run is reused, frozen, by the next (one encoder for
+    both DiT stages of a pipeline): not a parameter of the train module, its weights unchanged by training."""
+    from d3s2.train.checkpoint import load_weights
+    from d3s2.train.tasks import build_task
+
+    Trainer(parse_train_config(dit_cfg(prepared, vae_weights, tmp_path / "a",
+                                       phases=[{"steps": 2, "resolution": 32}]))).run()
+    trained = load_weights(tmp_path / "a" / "ck", prefix="encoder.")
+    args = {"vae": VAE8, "vae_checkpoint": str(vae_weights), "image_encoder": "checkpoint",
+            "image_encoder_checkpoint": str(tmp_path / "a" / "ck"), "image_encoder_params": ENC28}
+    cfg = parse_train_config(dit_cfg(prepared, vae_weights, tmp_path / "b", task_args=args,
+                                     phases=[{"steps": 3, "resolution": 32}]))
+    task = build_task(cfg, torch.device("cpu"))
+    assert task.build_module().encoder is None
+    losses = Trainer(cfg).run()["losses"]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    assert not any(k.startswith("encoder.") for k in load_weights(tmp_path / "b" / "ck"))
+    for k, v in task.frozen_encoder.state_dict().items():
+        assert torch.equal(v, trained[k]), k
+    with pytest.raises(D3S2Error, match="image_encoder_params"):
+        build_task(parse_train_config(dit_cfg(prepared, vae_weights, tmp_path / "c", task_args={
+            **args, "image_encoder_params": {**ENC28, "depth": 2}})), torch.device("cpu"))
+    with pytest.raises(D3S2Error, match="image_encoder_checkpoint"):
+        build_task(parse_train_config(dit_cfg(prepared, vae_weights, tmp_path / "d", task_args={
+            **args, "image_encoder_checkpoint": None})), torch.device("cpu"))
 
 
 def _env():

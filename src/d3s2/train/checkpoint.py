@@ -170,7 +170,8 @@ def load_state(path: str | Path) -> dict[str, Any]:
 def load_weights(path: str | Path, prefix: str = "", prefer_ema: bool = True) -> dict[str, torch.Tensor]:
     """Weights from a ``.safetensors`` file, a ``step_*`` folder or a checkpoint dir (its newest step).
 
-    ``prefer_ema``: take ``ema.safetensors`` when the folder has it. ``prefix``: keep only keys starting with it, with
+    ``prefer_ema``: take ``ema.safetensors`` when the folder has it (weights the EMA does not track, i.e. frozen ones,
+    from ``model.safetensors``). ``prefix``: keep only keys starting with it, with
     the prefix removed (e.g. ``"vae."`` for the VAE inside a train module).
     """
     from safetensors.torch import load_file
@@ -181,11 +182,17 @@ def load_weights(path: str | Path, prefix: str = "", prefer_ema: bool = True) ->
         if latest is None:
             raise D3S2Error(f"{p}: no checkpoint (step_*/model.safetensors) found; train that model first")
         p = latest
+    frozen: dict[str, torch.Tensor] = {}
     if p.is_dir():
-        p = p / "ema.safetensors" if prefer_ema and (p / "ema.safetensors").is_file() else p / "model.safetensors"
+        if prefer_ema and (p / "ema.safetensors").is_file():
+            # the EMA tracks trainable weights only; frozen ones (never updated) come from the model file
+            frozen = load_file(str(p / "model.safetensors")) if (p / "model.safetensors").is_file() else {}
+            p = p / "ema.safetensors"
+        else:
+            p = p / "model.safetensors"
     if not p.is_file():
         raise D3S2Error(f"{p}: no such weights file")
-    sd = load_file(str(p))
+    sd = {**frozen, **load_file(str(p))}
     if prefix:
         sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
         if not sd:

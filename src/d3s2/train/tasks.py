@@ -33,6 +33,7 @@ from torch import nn
 from d3s2.config import MODEL_REGISTRY, ModelFileConfig, from_dict, load_model_config
 from d3s2.errors import D3S2Error
 from d3s2.train.config import TrainConfig
+from d3s2.train.image_encoders import ENCODER_TASK_ARGS, encoder_input, setup_image_encoder, trainable_encoder
 
 __all__ = ["Task", "TASK_REGISTRY", "register_task", "build_task", "model_config_from", "DenseVAETask", "DenseDiTTask",
            "SSVAETask"]
@@ -246,40 +247,22 @@ class DenseVAETask(Task):
 # Structure stage: dense DiT (rectified flow, Sec. 4.3) on latents of a frozen dense VAE, image-conditioned
 
 
-class TinyImageEncoder(nn.Module):
-    """Small trainable image tokenizer for CPU-size runs (stands in for DINOv2 ViT-L/14 of the paper).
-
-    RGB (resized to ``image_size``) -> non-overlapping ``patch``^2 patches -> Linear -> + learned position -> 1 block of
-    LayerNorm + MLP -> ``[B, (image_size / patch)^2, channels]``.
-    """
-
-    def __init__(self, channels: int, image_size: int = 32, patch: int = 8) -> None:
-        super().__init__()
-        if image_size % patch:
-            raise D3S2Error(f"tiny image encoder: image_size {image_size} is not a multiple of patch {patch}")
-        self.image_size, self.patch = image_size, patch
-        self.proj = nn.Conv2d(3, channels, patch, stride=patch)
-        self.pos = nn.Parameter(torch.randn(1, (image_size // patch) ** 2, channels) * 0.02)
-        self.norm = nn.LayerNorm(channels)
-        self.mlp = nn.Sequential(nn.Linear(channels, 2 * channels), nn.GELU(), nn.Linear(2 * channels, channels))
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        if image.shape[-1] != self.image_size or image.shape[-2] != self.image_size:
-            image = F.interpolate(image, size=(self.image_size,) * 2, mode="bilinear", align_corners=False)
-        h = self.proj(image * 2 - 1).flatten(2).transpose(1, 2) + self.pos
-        return h + self.mlp(self.norm(h))
-
-
 class DenseDiTTrainModule(nn.Module):
-    def __init__(self, dit: nn.Module, encoder: nn.Module, flow_cfg) -> None:
+    """Dense DiT (+ the trainable image encoder, or ``batch["cond_tokens"]`` of a frozen one)."""
+
+    def __init__(self, dit: nn.Module, encoder: nn.Module | None, flow_cfg, image_size: int) -> None:
         super().__init__()
-        self.dit, self.encoder, self.flow_cfg = dit, encoder, flow_cfg
+        self.dit, self.encoder, self.flow_cfg, self.image_size = dit, encoder, flow_cfg, image_size
 
     def forward(self, batch: dict, t: torch.Tensor | None = None, eps: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         from d3s2.flow.rectified import flow_matching_loss
+        from d3s2.train.image_encoders import encoder_input
 
-        cond = self.encoder(batch["image"])
+        if self.encoder is not None:
+            cond = self.encoder(encoder_input(batch["image"], batch["mask"], self.image_size))
+        else:
+            cond = batch["cond_tokens"]
         out = flow_matching_loss(self.dit, batch["x0"], cond, self.flow_cfg, generator=generator, t=t, eps=eps)
         return {"loss": out["loss"], "t_mean": out["t"].mean().detach()}
 
@@ -316,7 +299,7 @@ class _ImageOccupancyDataset(torch.utils.data.Dataset):
         ds.epoch = int(epoch)  # the view is a function of (seed, epoch, index): reproducible in any worker
         it = ds[j]
         return {"occ": occupancy_from_coords(it["coords"], int(resolution), self.occ_res), "image": it["image"],
-                "item_id": item_id}
+                "mask": it["mask"], "item_id": item_id}
 
 
 @register_task("dense_dit")
@@ -325,12 +308,12 @@ class DenseDiTTask(Task):
 
     ``task_args``: ``vae`` (its model config), ``vae_checkpoint`` (a ``.safetensors`` file, a ``step_*`` folder or a
     checkpoint dir of a ``dense_vae`` run; EMA weights preferred), ``latent_scale`` (multiplies the latents),
-    ``image_encoder`` (``tiny``: a small trainable encoder; DINOv2 comes with the image conditioner), ``image_size``,
-    ``patch``. The flow settings come from the model file's ``flow:`` section.
+    ``image_encoder`` + ``image_encoder_params`` / ``image_encoder_checkpoint`` / ``dinov2_weights`` (the same choice
+    as the SS-DiT task, :mod:`d3s2.train.image_encoders`: the pipeline has one encoder for both stages). The flow
+    settings come from the model file's ``flow:`` section.
     """
 
-    task_args = {"vae": None, "vae_checkpoint": None, "latent_scale": 1.0, "image_encoder": "tiny", "image_size": 32,
-                 "patch": 8}
+    task_args = {"vae": None, "vae_checkpoint": None, "latent_scale": 1.0, **ENCODER_TASK_ARGS}
     validate_under_fsdp = True
 
     def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
@@ -347,8 +330,6 @@ class DenseDiTTask(Task):
             raise D3S2Error(
                 "task dense_dit needs task_args.vae (model config) and task_args.vae_checkpoint (trained weights)"
             )
-        if self.args["image_encoder"] != "tiny":
-            raise D3S2Error(f"task_args.image_encoder '{self.args['image_encoder']}' is not available yet; use 'tiny'")
         vae_cfg = model_config_from(self.args["vae"], "task_args.vae")
         self.vae = build_model(vae_cfg)
         sd = load_weights(self.args["vae_checkpoint"], prefix="vae.")
@@ -363,13 +344,15 @@ class DenseDiTTask(Task):
                 f"the VAE latent ({vae_cfg.params.latent_channels} x {vae_cfg.params.latent_resolution}^3) does not "
                 f"match the DiT input ({p.in_channels} x {p.resolution}^3)"
             )
+        choice = setup_image_encoder(self.args, p.cond_channels, device, "dense_dit")
+        self.enc_cfg, self.frozen_encoder = choice.config, choice.frozen
 
     def build_module(self) -> nn.Module:
         from d3s2.config import build_model
 
         dit = build_model(self.model_cfg)
-        enc = TinyImageEncoder(self.model_cfg.params.cond_channels, self.args["image_size"], self.args["patch"])
-        return DenseDiTTrainModule(dit, enc, self.flow_cfg)
+        encoder = trainable_encoder(self.enc_cfg) if self.frozen_encoder is None else None
+        return DenseDiTTrainModule(dit, encoder, self.flow_cfg, self.enc_cfg.image_size)
 
     def build_dataset(self, split: str = "train"):
         root = self.cfg.data.val_root if split == "val" and self.cfg.data.val_root else self.cfg.data.root
@@ -378,12 +361,16 @@ class DenseDiTTask(Task):
     def collate(self, items):
         out = _collate_occ(items)
         out["image"] = torch.stack([i["image"] for i in items])
+        out["mask"] = torch.stack([i["mask"] for i in items])
         return out
 
     @torch.no_grad()
     def prepare_batch(self, batch: dict) -> dict:
         _, mean, _ = self.vae.encode(batch["occ"], sample=False)
         batch["x0"] = mean.float() * self.args["latent_scale"]
+        if self.frozen_encoder is not None:
+            batch["cond_tokens"] = self.frozen_encoder(
+                encoder_input(batch["image"], batch["mask"], self.enc_cfg.image_size))
         return batch
 
     def batch_stats(self, batch):

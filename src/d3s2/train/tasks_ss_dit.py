@@ -9,14 +9,8 @@ Latents (``task_args.latents``):
 * ``files``: precomputed ``latent_<R>.npz`` files (``d3s2 encode-latents``, raw posterior means);
   ``x_0`` = file features * ``latent_scale``. Both paths give the same ``x_0`` for the same VAE.
 
-Image encoder (``task_args.image_encoder``):
-
-* ``tiny``: a small DINOv2-shaped network (:meth:`ImageEncoderConfig.tiny`, width = the DiT's ``cond_channels``),
-  trained with the DiT (CPU runs, tests).
-* ``dinov2``: DINOv2 ViT-L/14-reg, frozen, weights from ``dinov2_weights`` or the local caches; it runs outside the
-  trainable module (in ``prepare_batch``), so it is neither checkpointed nor sharded.
-
-The encoder sees RGB + mask ``[B, 4, S, S]`` resized to its ``image_size``; condition dropout for classifier-free
+Image encoder (``task_args.image_encoder``: ``tiny`` trained with the DiT, ``dinov2`` or ``checkpoint`` frozen): see
+:mod:`d3s2.train.image_encoders`. Condition dropout for classifier-free
 guidance zeroes the tokens with probability ``flow.cond_drop_prob`` (coordinates and key mask kept, the released
 models' unconditional input). Gradient checkpointing per DiT block: ``gradient_checkpointing: true`` in the YAML.
 """
@@ -27,11 +21,11 @@ from dataclasses import replace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from d3s2.errors import D3S2Error
 from d3s2.train.config import TrainConfig
+from d3s2.train.image_encoders import ENCODER_TASK_ARGS, encoder_input, setup_image_encoder, trainable_encoder
 from d3s2.train.tasks import Task, model_config_from, register_task
 
 __all__ = ["SSDiTTask", "SSDiTTrainModule", "load_frozen_ss_vae", "items_tau"]
@@ -121,14 +115,6 @@ def _collate(items: list[dict], sdf: bool) -> dict:
             "resolution": r, "item_ids": [i["item_id"] for i in items]}
 
 
-def encoder_input(image: torch.Tensor, mask: torch.Tensor, size: int) -> torch.Tensor:
-    """RGB ``[B, 3, H, W]`` + mask ``[B, 1, H, W]`` -> ``[B, 4, size, size]`` for the image encoder."""
-    x = torch.cat([image, mask], dim=1).float()
-    if x.shape[-1] != size or x.shape[-2] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return x
-
-
 class SSDiTTrainModule(nn.Module):
     """DiT (+ the trainable tiny image encoder). ``forward(batch)`` -> ``{"loss", "t_mean"}``.
 
@@ -173,16 +159,13 @@ class SSDiTTask(Task):
         "vae_checkpoint": None,
         "tau": None,  # SDF band of the prepared data (default: the items' tau)
         "latent_scale": 1.0,
-        "image_encoder": "tiny",  # tiny | dinov2
-        "image_encoder_params": {},  # ImageEncoderConfig overrides
-        "dinov2_weights": None,
+        **ENCODER_TASK_ARGS,
     }
     validate_under_fsdp = True
 
     def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
         super().__init__(cfg, device)
         from d3s2.flow.rectified import FlowConfig
-        from d3s2.models.image_encoder import ImageEncoderConfig
 
         a = self.args
         self.model_cfg = model_config_from(cfg.model)
@@ -202,38 +185,15 @@ class SSDiTTask(Task):
             if self.vae.cfg.latent_channels != p.in_channels:
                 raise D3S2Error(f"the SS-VAE latent has {self.vae.cfg.latent_channels} channels but the SS-DiT "
                                 f"expects in_channels {p.in_channels}")
-        enc = a["image_encoder"]
-        if enc not in ("tiny", "dinov2"):
-            raise D3S2Error(f"task_args.image_encoder must be 'tiny' or 'dinov2', got {enc!r}")
-        if not isinstance(a["image_encoder_params"], dict):
-            raise D3S2Error("task_args.image_encoder_params must be a mapping of ImageEncoderConfig fields")
-        from d3s2.config import from_dict
-
-        base = ImageEncoderConfig.tiny(embed_dim=p.cond_channels) if enc == "tiny" else ImageEncoderConfig()
-        params = {**base.__dict__, **a["image_encoder_params"]}
-        self.enc_cfg = from_dict(ImageEncoderConfig, params, "task_args.image_encoder_params")
-        if self.enc_cfg.embed_dim != p.cond_channels:
-            raise D3S2Error(f"image encoder width {self.enc_cfg.embed_dim} != the SS-DiT's cond_channels "
-                            f"{p.cond_channels}")
-        self.frozen_encoder = None
-        if enc == "dinov2":
-            from d3s2.models.image_encoder import DINOv2Encoder
-
-            self.frozen_encoder = DINOv2Encoder(self.enc_cfg, weights=a["dinov2_weights"], load_weights=True)
-            self.frozen_encoder.to(device).eval().requires_grad_(False)
+        choice = setup_image_encoder(a, p.cond_channels, device, "ss_dit")
+        self.enc_cfg, self.frozen_encoder = choice.config, choice.frozen
 
     # ------------------------------------------------------------------------------------------------------------
     def build_module(self) -> nn.Module:
         from d3s2.config import build_model
-        from d3s2.models.image_encoder import DINOv2Encoder
 
         dit = build_model(self.model_cfg)
-        encoder = None
-        if self.frozen_encoder is None:
-            encoder = DINOv2Encoder(self.enc_cfg)
-            # kept for DINOv2's key layout but never used in forward: frozen, so DDP sees no parameter without a grad
-            encoder.mask_token.requires_grad_(False)
-            encoder.norm.requires_grad_(False)
+        encoder = trainable_encoder(self.enc_cfg) if self.frozen_encoder is None else None
         return SSDiTTrainModule(dit, encoder, self.flow_cfg, bool(self.model_cfg.params.sparse_conditioning),
                                 self.enc_cfg.image_size, 1 + self.enc_cfg.num_registers)
 
