@@ -37,7 +37,7 @@ for s in $STAGES; do
   run_for=$(( stage_left < left ? stage_left : left ))
   echo "[$s] from step $done_ of $total, training up to $run_for s (stage: $spent of ${STAGE_BUDGET[$s]} s spent)"
   t0=$(date +%s)
-  timeout -s TERM -k 60 "$run_for" "$PY" -m d3s2.cli train "$cfg" --resume
+  timeout --foreground -s TERM -k 60 "$run_for" "$PY" -m d3s2.cli train "$cfg" --resume
   rc=$?
   echo $(( spent + $(date +%s) - t0 )) > "runs/demo/$s/seconds"
   if [ "$rc" -eq 124 ]; then
