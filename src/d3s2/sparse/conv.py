@@ -16,11 +16,16 @@ torchsparse's 1x1 kernels ``[Cin, Cout]`` load into ``[1, Cin, Cout]`` (see ``Sp
 
 Autograd: a custom Function that saves only the input and the weights (the gathered rows are recomputed in backward),
 so activation memory stays ``O(N * C)``. fp16/bf16 products are accumulated into an fp32 buffer.
+
+Backends (``backend=`` of `sparse_conv3d` / `SparseConv3d`): ``"reference"`` is the gather-GEMM-scatter here (the CPU
+path and the test oracle); ``"triton"`` the implicit-GEMM kernels of `d3s2.sparse.kernels` (CUDA, or CPU tensors under
+Triton's interpreter); ``"auto"`` (default) takes Triton for CUDA tensors when it imports, else the reference.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import nn
@@ -32,8 +37,34 @@ from d3s2.sparse.tensor import SparseTensor, _Cache
 
 __all__ = [
     "SparseConv3d", "sparse_conv3d", "neighbor_map", "downsample", "gather_gemm_scatter",
-    "kernel_to_dense_weight", "dense_weight_to_kernel", "dense_padding",
+    "kernel_to_dense_weight", "dense_weight_to_kernel", "dense_padding", "resolve_conv_backend", "CONV_BACKENDS",
 ]
+
+CONV_BACKENDS = ("auto", "triton", "reference")
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_conv_backend(backend: str, device: torch.device) -> str:
+    """``"triton"`` or ``"reference"`` for tensors on ``device`` (``auto``: Triton on CUDA when it imports)."""
+    if backend not in CONV_BACKENDS:
+        raise D3S2Error(f"unknown sparse conv backend {backend!r}: use 'auto', 'triton' or 'reference'")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and _triton_available() else "reference"
+    if backend == "triton":
+        if not _triton_available():
+            raise D3S2Error("backend='triton' needs the triton package (pip install triton), or use backend='reference'")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            # only checked, never used to choose: the choice stays the caller's
+            raise D3S2Error("backend='triton' on CPU tensors needs Triton's interpreter (TRITON_INTERPRET=1 set before "
+                            "importing d3s2); use backend='reference' on a CPU")
+    return backend
 
 
 def kernel_to_dense_weight(kernel: torch.Tensor) -> torch.Tensor:
@@ -149,14 +180,21 @@ def _pad(kernel_size: int) -> int:
 
 
 def sparse_conv3d(x: SparseTensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  kernel_size: int | None = None, stride: int = 1) -> SparseTensor:
-    """Functional sparse conv; ``weight [K^3, Cin, Cout]`` (``kernel_size`` inferred from K when omitted)."""
+                  kernel_size: int | None = None, stride: int = 1, backend: str = "auto") -> SparseTensor:
+    """Functional sparse conv; ``weight [K^3, Cin, Cout]`` (``kernel_size`` inferred from K when omitted);
+    ``backend`` "auto" | "triton" | "reference" (see the module docstring)."""
     if kernel_size is None:
         kernel_size = round(weight.shape[0] ** (1 / 3))
     if kernel_size**3 != weight.shape[0]:
         raise D3S2Error(f"conv weight has {weight.shape[0]} offsets, expected kernel_size^3 = {kernel_size**3}")
     if stride < 1:
         raise D3S2Error(f"stride must be a positive integer, got {stride}")
+    if resolve_conv_backend(backend, x.device) == "triton":
+        from d3s2.sparse.kernels.conv_function import conv_plan, implicit_gemm_conv
+
+        out = x if stride == 1 else downsample(x, stride)[0]
+        plan = conv_plan(x, out, kernel_size, stride)
+        return out.replace(implicit_gemm_conv(x.feats, weight, bias, plan))
     nmap, out = neighbor_map(x, kernel_size, stride)
     feats = gather_gemm_scatter(x.feats, weight, bias, nmap)
     return out.replace(feats)
@@ -166,13 +204,18 @@ class SparseConv3d(nn.Module):
     """Sparse 3D convolution; see the module docstring for stride/kernel semantics and the weight layout.
 
     Parameters ``kernel [K^3, Cin, Cout]`` and ``bias [Cout]``: wrap it as ``.conv`` to get torchsparse-style
-    checkpoint keys ``<module>.conv.kernel`` / ``<module>.conv.bias``.
+    checkpoint keys ``<module>.conv.kernel`` / ``<module>.conv.bias``. ``backend`` ("auto" | "triton" |
+    "reference", a plain attribute that may be changed later) picks the implementation.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, bias: bool = True):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, bias: bool = True,
+                 backend: str = "auto"):
         super().__init__()
         if kernel_size < 1 or stride < 1:
             raise D3S2Error(f"kernel_size and stride must be >= 1, got {kernel_size}, {stride}")
+        if backend not in CONV_BACKENDS:
+            raise D3S2Error(f"unknown sparse conv backend {backend!r}: use 'auto', 'triton' or 'reference'")
+        self.backend = backend
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride = kernel_size, stride
         self.kernel = nn.Parameter(torch.empty(kernel_size**3, in_channels, out_channels))
@@ -189,7 +232,7 @@ class SparseConv3d(nn.Module):
     def forward(self, x: SparseTensor) -> SparseTensor:
         if x.num_channels != self.in_channels:
             raise D3S2Error(f"SparseConv3d expects {self.in_channels} input channels, got {x.num_channels}")
-        return sparse_conv3d(x, self.kernel, self.bias, self.kernel_size, self.stride)
+        return sparse_conv3d(x, self.kernel, self.bias, self.kernel_size, self.stride, backend=self.backend)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "kernel"
