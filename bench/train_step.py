@@ -16,7 +16,13 @@ the same process: ``ssa`` and ``full`` (dense attention per sample through SDPA,
 SS-VAE: ``ss_vae_v1`` (512^3) and ``ss_vae_v1_1024``, batch 1, one step of Eq. 2-3 (+ KL) with gradient checkpointing.
 Input: an analytic sphere's narrow band (|d| < tau = 1/128, the ``d3s2 prepare`` default), radius chosen so the band
 holds about as many voxels as the prepared bunny (2.2M at 512^3, 17.7M at 1024^3: bench/results/prepare_sdf_h100.json);
-~0.4% voxels marked sharp.
+~0.4% voxels marked sharp. With ``--vae-mesh MESH.npz`` (vertices / faces, e.g. written by
+``bench/pipeline.py --export-mesh bunny``) the input is instead that real mesh's sparse SDF as ``d3s2 prepare`` makes it
+(``mesh_to_sparse_sdf``: normalised to [-0.95, 0.95]^3, |s| < 1/128, auto sign, real sharp-edge mask; warp on the GPU),
+computed on the run's machine at each resolution; ``--vae-crops N ...`` (1024 only) also measures spatial crops of it
+(the N voxels lowest along x, a training-crop size; 0 = the whole shell), smallest first, so that an out-of-memory full
+shell still leaves the crop numbers. ``--only vae`` skips the SS-DiT part; ``--tag T`` names the result
+``train_step-T-<card>.json``.
 
 Timing: ``--warmup`` steps (Triton compilation, autotuning, allocator), then the median of ``--steps`` steps, each
 synchronised; peak memory = ``torch.cuda.max_memory_allocated`` over the timed steps (model + optimizer state +
@@ -232,26 +238,85 @@ def sphere_band(resolution: int, radius: float, tau: float, device: torch.device
     return coords, sdf, sharp
 
 
+def mesh_band(mesh_npz: str, resolution: int, tau: float, device: torch.device):
+    """The real mesh's sparse SDF (``d3s2 prepare``'s ``mesh_to_sparse_sdf``) as device tensors + a description."""
+    import trimesh
+
+    from d3s2.data.sdf import mesh_to_sparse_sdf
+
+    with np.load(mesh_npz) as z:
+        v, f = z["vertices"].astype(np.float64), z["faces"].astype(np.int64)
+        name = str(z["name"]) if "name" in z.files else os.path.basename(mesh_npz)
+    t0 = time.perf_counter()
+    mesh = trimesh.Trimesh(v, f, process=False)
+    info = {"mesh": name, "mesh_faces": len(f), "sdf_backend": "warp" if device.type == "cuda" else "cpu"}
+    try:
+        s = mesh_to_sparse_sdf(mesh, resolution, tau, backend="auto" if device.type == "cuda" else "cpu",
+                               device="cuda" if device.type == "cuda" else None)
+    except Exception as exc:  # noqa: BLE001 - warp missing or broken there: libigl on the host
+        info.update(sdf_backend="cpu", warp_error=f"{type(exc).__name__}: {exc}"[:300])
+        s = mesh_to_sparse_sdf(mesh, resolution, tau, backend="cpu")
+    info.update(sdf_seconds=time.perf_counter() - t0, shell_voxels=len(s.coords))
+    coords = torch.from_numpy(s.coords.astype(np.int64)).to(device)
+    sdf = torch.from_numpy(s.sdf.astype(np.float32)).to(device)
+    sharp = torch.from_numpy(np.asarray(s.sharp, dtype=bool)).to(device)
+    return coords, sdf, sharp, info
+
+
+def crop_lowest_x(coords, sdf, sharp, n: int):
+    """The ``n`` voxels lowest along x (ties: y, z): a spatial crop with the shell's real local structure."""
+    if not n or n >= len(coords):
+        return coords, sdf, sharp
+    r = int(coords.max()) + 1
+    key = (coords[:, 0] * r + coords[:, 1]) * r + coords[:, 2]
+    idx = torch.sort(torch.topk(key, n, largest=False).indices).values
+    return coords[idx], sdf[idx], sharp[idx]
+
+
+CONV_BACKEND = "auto"
+
+
+def set_conv_backend(model, backend: str, device: torch.device) -> str:
+    """Every SparseConv3d of ``model`` uses ``backend``; returns the implementation that runs on ``device``."""
+    from d3s2.sparse.conv import SparseConv3d
+
+    for mod in model.modules():
+        if isinstance(mod, SparseConv3d):
+            mod.backend = backend
+    try:
+        from d3s2.sparse.conv import resolve_conv_backend
+    except ImportError:
+        return "reference"
+    return resolve_conv_backend(backend, device)
+
+
 def vae_bench(model_name: str, resolution: int, voxels_target: int, tau: float, device: torch.device,
-              warmup: int, steps: int) -> dict:
+              warmup: int, steps: int, shell=None, crop: int = 0) -> dict:
     from d3s2.config import build_model, load_model_config
     from d3s2.sparse import SparseTensor
 
-    res: dict = {"model": model_name, "resolution": resolution, "batch": 1, "tau": tau, "gradient_checkpointing": True}
+    res: dict = {"model": model_name, "resolution": resolution, "batch": 1, "tau": tau, "gradient_checkpointing": True,
+                 "precision": "bf16 autocast, fp32 weights" if device.type == "cuda" else "fp32"}
     model = opt = None
     try:
         reset_peak(device)
-        # band volume ~ 4 pi r^2 * 2 tau / voxel^3: pick r for the target voxel count (capped inside the cube)
-        vs = 2.0 / resolution
-        radius = min(0.95, math.sqrt(voxels_target * vs**3 / (4 * math.pi * 2 * tau)))
-        coords, sdf, sharp = sphere_band(resolution, radius, tau, device)
-        res.update(voxels=int(len(coords)), radius=radius)
+        if shell is not None:  # a real mesh's shell (mesh_band), optionally cropped
+            coords, sdf, sharp = crop_lowest_x(*shell[:3], crop)
+            res.update(input=dict(shell[3]), crop_voxels=crop or None, voxels=int(len(coords)),
+                       sharp_voxels=int(sharp.sum()))
+        else:
+            # band volume ~ 4 pi r^2 * 2 tau / voxel^3: pick r for the target voxel count (capped inside the cube)
+            vs = 2.0 / resolution
+            radius = min(0.95, math.sqrt(voxels_target * vs**3 / (4 * math.pi * 2 * tau)))
+            coords, sdf, sharp = sphere_band(resolution, radius, tau, device)
+            res.update(input="sphere band", voxels=int(len(coords)), radius=radius)
         bc = torch.cat([torch.zeros(len(coords), 1, dtype=torch.int32, device=device), coords.int()], 1)
         x = SparseTensor(sdf[:, None], bc, batch_size=1, resolution=resolution)
         mcfg = load_model_config(model_name)
         mcfg = replace(mcfg, params=replace(mcfg.params, use_checkpoint=True))
         model = build_model(mcfg).to(device)
         model.train()
+        res["conv_backend"] = set_conv_backend(model, CONV_BACKEND, device)
         res["params_millions"] = sum(p.numel() for p in model.parameters()) / 1e6
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
@@ -279,7 +344,7 @@ def vae_bench(model_name: str, resolution: int, voxels_target: int, tau: float, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    global SMOKE
+    global SMOKE, CONV_BACKEND
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", os.path.join(HERE, "results")))
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny configs on the CPU: checks the script, no numbers")
@@ -290,8 +355,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vae-voxels-512", type=int, default=2_200_000, help="band voxels at 512^3 (bunny: ~2.2M)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--only", choices=["all", "dit", "vae"], default="all", help="run only one of the two parts")
+    ap.add_argument("--vae-mesh", default=None, help="npz (vertices, faces): the VAE input is this mesh's shell")
+    ap.add_argument("--vae-crops", type=int, nargs="*", default=[0],
+                    help="with --vae-mesh, at 1024: voxel counts of spatial crops to measure (0 = whole shell)")
+    ap.add_argument("--vae-steps", type=int, default=None, help="timed VAE steps (default: max(3, steps - 2))")
+    ap.add_argument("--tag", default=None, help="result file train_step-TAG-<card>.json")
+    ap.add_argument("--conv-backend", choices=["auto", "triton", "reference"], default="auto",
+                    help="SS-VAE sparse conv implementation (auto: Triton on CUDA when present)")
     args = ap.parse_args(argv)
     SMOKE = args.cpu_smoke
+    CONV_BACKEND = args.conv_backend
     if SMOKE:
         device = torch.device("cpu")
         dit_model, cond_tokens = "ss_dit_tiny", 21
@@ -299,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
         vae_models = {32: "ss_vae_tiny", 64: "ss_vae_tiny"}
         vae_targets = {32: 3000, 64: 12000}
         tau = 1.0 / 16
+        if args.vae_mesh:  # a mesh's shell at the tiny resolutions
+            vae_models = {r: "ss_vae_tiny" for r in (32, 64) if r in args.vae_resolutions} or {32: "ss_vae_tiny"}
+            tau = 1.5 / min(vae_models)
     else:
         if not torch.cuda.is_available():
             raise SystemExit("no CUDA device: run on a GPU, or pass --cpu-smoke to check the script on a CPU")
@@ -324,29 +401,53 @@ def main(argv: list[str] | None = None) -> int:
         "dit": [],
         "vae": [],
     }
-    coords = shell_coords(args.meshes, tokens)
-    if SMOKE:  # keep the tiny shells on the tiny model's latent grid scale
-        coords = [c - c.min(0) for c in coords]
-    doc["dit_shells"] = {m: {"tokens": len(c), "extent": (c.max(0) - c.min(0) + 1).tolist()}
-                         for m, c in zip(args.meshes, coords)}
-    for mode in args.modes:
-        r = dit_bench(dit_model, mode, coords, cond_tokens, device, warmup, steps)
-        doc["dit"].append(r)
-        print("dit", json.dumps({k: v for k, v in r.items() if k != "all_seconds"}), flush=True)
-    by = {r["mode"]: r for r in doc["dit"] if "tokens_per_second" in r}
-    if "ssa" in by and "full" in by:
-        doc["ssa_vs_full_throughput"] = by["ssa"]["tokens_per_second"] / by["full"]["tokens_per_second"]
-    for r_, name in vae_models.items():
-        r = vae_bench(name, r_, vae_targets[r_], tau, device, 1 if SMOKE else max(1, warmup - 1),
-                      1 if SMOKE else max(3, steps - 2))
-        doc["vae"].append(r)
-        print("vae", json.dumps({k: v for k, v in r.items() if k != "all_seconds"}), flush=True)
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"train_step-{doc['card']}.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(tmp, path)
+    path = os.path.join(args.out, f"train_step-{args.tag + '-' if args.tag else ''}{doc['card']}.json")
+
+    def write():
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(doc, f, indent=1)
+        os.replace(tmp, path)
+
+    if args.only in ("all", "dit"):
+        coords = shell_coords(args.meshes, tokens)
+        if SMOKE:  # keep the tiny shells on the tiny model's latent grid scale
+            coords = [c - c.min(0) for c in coords]
+        doc["dit_shells"] = {m: {"tokens": len(c), "extent": (c.max(0) - c.min(0) + 1).tolist()}
+                             for m, c in zip(args.meshes, coords)}
+        for mode in args.modes:
+            r = dit_bench(dit_model, mode, coords, cond_tokens, device, warmup, steps)
+            doc["dit"].append(r)
+            print("dit", json.dumps({k: v for k, v in r.items() if k != "all_seconds"}), flush=True)
+            write()
+        by = {r["mode"]: r for r in doc["dit"] if "tokens_per_second" in r}
+        if "ssa" in by and "full" in by:
+            doc["ssa_vs_full_throughput"] = by["ssa"]["tokens_per_second"] / by["full"]["tokens_per_second"]
+    if args.only in ("all", "vae"):
+        vae_warmup = 1 if SMOKE else max(1, warmup - 1)
+        vae_steps = 1 if SMOKE else (args.vae_steps or max(3, steps - 2))
+        for r_, name in vae_models.items():
+            shell, crops = None, [0]
+            if args.vae_mesh:
+                shell = mesh_band(args.vae_mesh, r_, tau, device)
+                print("shell", r_, json.dumps(shell[3]), flush=True)
+                if r_ >= 1024 or SMOKE:
+                    crops = sorted(args.vae_crops, key=lambda n: n if n > 0 else float("inf"))
+            for crop in crops:
+                r = vae_bench(name, r_, vae_targets[r_], tau, device, vae_warmup, vae_steps, shell, crop)
+                if "error" in r and r.get("conv_backend") == "triton":  # a kernel in progress: keep a number
+                    print("vae", json.dumps(r), "-> again with the reference sparse conv", flush=True)
+                    CONV_BACKEND = "reference"
+                    failed = r
+                    r = vae_bench(name, r_, vae_targets[r_], tau, device, vae_warmup, vae_steps, shell, crop)
+                    r["triton_conv_error"] = failed["error"]
+                doc["vae"].append(r)
+                print("vae", json.dumps({k: v for k, v in r.items() if k != "all_seconds"}), flush=True)
+                write()
+            del shell
+            reset_peak(device)
+    write()
     print("wrote", path, flush=True)
     failed = [r for r in doc["dit"] + doc["vae"] if "error" in r]
     return 1 if failed else 0

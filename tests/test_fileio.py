@@ -22,3 +22,10 @@ def test_failed_write_keeps_old_file_and_removes_temp(tmp_path):
             raise RuntimeError("interrupted")
     assert target.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["a.bin"]
+
+
+def test_atomic_write_gives_the_mode_of_a_plain_open(tmp_path):
+    atomic_write_text(tmp_path / "a.txt", "x")
+    with open(tmp_path / "b.txt", "w") as fh:
+        fh.write("x")
+    assert (os.stat(tmp_path / "a.txt").st_mode & 0o777) == (os.stat(tmp_path / "b.txt").st_mode & 0o777)

@@ -20,6 +20,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", encoding: str | None 
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode a plain open() would
         with os.fdopen(fd, mode, encoding=encoding) as fh:
             yield fh
         os.replace(tmp, path)
@@ -27,6 +28,12 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", encoding: str | None 
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

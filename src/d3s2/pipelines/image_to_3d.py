@@ -12,15 +12,23 @@ Stages, each timed (seconds and peak GPU memory) in :attr:`ImageTo3DPipeline.las
 5. ``sparse_1024`` (optional): unsigned band of the 512 mesh at the 1024 grid (``tau = band_voxels / R``),
    ``coords // 8`` -> latent coordinates, SS-DiT-1024 from fresh noise, SS-VAE-1024 decode in spatial chunks
    (:func:`decode_sparse_chunked`, exact), marching cubes at ``mc_level_1024``.
-6. ``cleanup``: floaters, optional decimation to ``faces`` (:func:`d3s2.geometry.cleanup.clean_mesh`).
+6. ``cleanup``: floaters, optional decimation to ``faces`` (:func:`d3s2.geometry.cleanup.clean_mesh`); with
+   ``min_area_fraction = 0`` and no ``faces`` there is nothing to do (vertex normals are computed on the device right
+   after marching cubes), which saves seconds on the millions of faces of a 1024 mesh.
 
 Marching-cubes levels, in the decoder's tanh units (1 = ``tau`` outside): the release extracts at 0.2 at 1024 and at
 0.4 at 512 on the output of its dense refiner, which d3s2 does not run. Without a refiner the 512 SDF is taken at its
 zero level (``mc_level_512 = 0.0``, the surface the VAE was trained to put at 0); ``mc_level_1024`` defaults to the
 release's 0.2. Both are settings in ``pipeline.yaml``.
 
-No dense grid above the structure stage's 64^3 is built: the 1024 band comes from the sparse octree of
-:func:`d3s2.data.sdf.unsigned_band`, decoding and surface extraction run on sparse voxels.
+No dense grid above the structure stage's 64^3 is built: the 1024 band comes from a sparse octree
+(:func:`latent_band_coords`; on CUDA with warp-lang it runs on the GPU, BVH distance queries included), decoding and
+surface extraction run on sparse voxels.
+
+Precision: the models run in ``dtype`` (bf16 on CUDA, the image encoder in fp32), the flow latents are integrated in
+fp32 (a bf16 latent would lose the small Euler increments of the last steps) and cast to the model dtype inside each
+model call. Each stage entry of :attr:`last_stats` also holds ``parts``: seconds and peak GPU bytes of its pieces
+(``dit``, ``decode``, ``marching_cubes``, ``band``, ``to_device`` / ``offload`` with ``low_vram``).
 
 Folder format (``save_pretrained`` / ``from_pretrained``): ``pipeline.yaml`` (format tag, settings, and per component
 its model config inline: ``model``, ``params``, ``sampler``) plus ``<component>.safetensors`` for each of
@@ -32,6 +40,7 @@ random-weight pipeline from it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -49,7 +58,7 @@ from d3s2.config import MODEL_REGISTRY, from_dict, load_yaml, resolve_config_pat
 from d3s2.errors import D3S2Error
 
 __all__ = ["PipelineSettings", "ImageTo3DPipeline", "decode_sparse_chunked", "latent_shell_coords",
-           "COMPONENTS", "OPTIONAL_COMPONENTS", "FORMAT_TAG"]
+           "latent_band_coords", "COMPONENTS", "OPTIONAL_COMPONENTS", "FORMAT_TAG"]
 
 FORMAT_TAG = "d3s2-pipeline/1"
 COMPONENTS = ("image_encoder", "dense_vae", "dense_dit", "ss_vae_512", "ss_dit_512")
@@ -69,6 +78,9 @@ class PipelineSettings:
     decode_chunk: int | None = 64  # latent voxels per side of one SS-VAE decoding chunk (None: one shot)
     min_area_fraction: float = 0.0  # cleanup: drop components below this fraction of the area
     image_pad: int | None = None  # preprocessing margin (default: 16 px at 518, scaled)
+    # sparse stages: conditional + unconditional branch in one batched model call (None: on CUDA, where the SSA
+    # kernels are launch-bound at the 512 stage's token counts; two calls on the CPU, where batching gains nothing)
+    batch_cfg: bool | None = None
 
 
 @dataclass
@@ -157,6 +169,98 @@ def latent_shell_coords(coords: np.ndarray | torch.Tensor, factor: int = 8, batc
     return torch.cat([torch.full((len(lat), 1), batch, dtype=torch.int64), lat], 1).to(torch.int32)
 
 
+_LOW_VRAM_WORKSPACE = 10 << 30  # activations of the 1024 stage besides the weights (see bench/pipeline.py)
+_CHILDREN = [[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)]
+
+
+def _band_queries(vertices: np.ndarray, faces: np.ndarray, device: torch.device):
+    """``distance(points float64 [N, 3] tensor, upper_bound) -> float64 [N]`` (inf at or beyond the bound) on
+    ``device``: warp's BVH on CUDA when warp-lang is installed (points never leave the GPU), libigl otherwise."""
+    if device.type == "cuda":
+        try:
+            import warp  # noqa: F401
+        except ImportError:
+            warp = None
+        if warp is not None:
+            from types import SimpleNamespace
+
+            from d3s2.data.backends import WarpQueries
+
+            try:
+                q = WarpQueries(vertices, faces, device=str(device))
+                # closest_torch refines warp's float32 hit in float64 from the mesh tables; distances need only the
+                # vertices and faces, so the full pseudo-normal tables (a host-side vertex merge, ~1 s on a 1M-face
+                # mesh) are not built
+                if getattr(q, "_tables", None) is None:
+                    q._tables = SimpleNamespace(
+                        vertices=torch.as_tensor(vertices, dtype=torch.float64, device=device),
+                        faces=torch.as_tensor(faces, dtype=torch.int64, device=device))
+                q.closest_torch(torch.zeros(1, 3, dtype=torch.float64, device=device), upper_bound=1.0)  # probe
+                return lambda p, ub: q.closest_torch(p, upper_bound=ub)[0], device
+            except Exception as exc:  # noqa: BLE001 - a broken warp install must not stop the pipeline
+                import warnings
+
+                warnings.warn(f"warp queries failed on {device} ({type(exc).__name__}: {exc}); the 1024 band "
+                              "falls back to libigl on the CPU", stacklevel=2)
+    from d3s2.data.backends import CpuQueries
+
+    q = CpuQueries(vertices, faces)
+    return lambda p, ub: torch.from_numpy(q.unsigned_distance(p.cpu().numpy(), upper_bound=ub)), torch.device("cpu")
+
+
+def latent_band_coords(vertices, faces, resolution: int, tau: float, factor: int = 8,
+                       device: str | torch.device = "cpu", batch: int = 0) -> torch.Tensor:
+    """Latent cells ``[M, 4]`` int32 (batch, x, y, z) = unique ``coords // factor`` of the voxels of a
+    ``resolution^3`` grid over [-1, 1]^3 whose centre has unsigned distance ``< tau`` to the mesh: the 1024-stage token
+    set of the release recipe (band of the 512 mesh, tau = 4/1024, // 8), equal to
+    ``latent_shell_coords(unsigned_band(mesh, resolution, tau)[0], factor)``.
+
+    Octree over cells of ``2^L`` voxels as in :func:`d3s2.data.sdf.narrow_band` (a cell whose centre lies at
+    ``d >= tau + r_L`` holds no band voxel), kept as torch tensors on the query device. Latent cells are decided
+    early: at the latent level a cell whose centre has ``d < tau - sqrt(3)/2 h`` has a voxel centre (at most
+    ``sqrt(3)/2 h`` away) inside the band, so only the other candidate cells descend to single voxels. No dense grid."""
+    import math
+
+    dev = torch.device(device)
+    v = np.asarray(vertices, dtype=np.float64).reshape(-1, 3)
+    f = np.asarray(faces, dtype=np.int64).reshape(-1, 3)
+    if len(f) == 0:
+        return torch.zeros(0, 4, dtype=torch.int32, device=dev)
+    distance, qdev = _band_queries(v, f, dev)
+    h = 2.0 / resolution
+    latent_level = int(round(math.log2(factor)))
+    if 1 << latent_level != factor:
+        raise D3S2Error(f"latent factor must be a power of two, got {factor}")
+    top = latent_level
+    while (1 << (top + 1)) <= 32 and (resolution >> (top + 1)) >= 4:
+        top += 1
+    n_top = -(-resolution // (1 << top))
+    g = torch.arange(n_top, dtype=torch.int64, device=qdev)
+    cells = torch.stack(torch.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3)
+    child = torch.tensor(_CHILDREN, dtype=torch.int64, device=qdev)
+    done: list[torch.Tensor] = []
+    for level in range(top, -1, -1):
+        size = 1 << level
+        radius = math.sqrt(3.0) * (size - 1) / 2.0 * h
+        centres = -1.0 + (cells.to(torch.float64) + 0.5) * (size * h)
+        bound = tau + radius
+        d = distance(centres, bound * (1 + 1e-9) + 1e-12).to(qdev)
+        if level == 0:
+            done.append(torch.div(cells[d < tau], factor, rounding_mode="floor"))
+            break
+        keep = d < bound * (1 + 1e-9) + 1e-12
+        if level == latent_level:
+            sure = d < tau - math.sqrt(3.0) / 2.0 * h - 1e-12
+            done.append(cells[sure])
+            keep &= ~sure
+        cells = cells[keep]
+        children = (cells[:, None, :] * 2 + child[None]).reshape(-1, 3)
+        cells = children[(children * (size // 2) < resolution).all(dim=1)]
+    lat = torch.unique(torch.cat(done), dim=0) if done else torch.zeros(0, 3, dtype=torch.int64, device=qdev)
+    out = torch.cat([torch.full((len(lat), 1), batch, dtype=torch.int64, device=qdev), lat], 1).to(torch.int32)
+    return out.to(dev)
+
+
 def decode_sparse_chunked(vae, z, chunk: int | None = None, halo: int = 3):
     """SS-VAE decode with the up-sampling stack run in spatial chunks of ``chunk`` latent voxels per side.
 
@@ -202,6 +306,33 @@ def decode_sparse_chunked(vae, z, chunk: int | None = None, halo: int = 3):
                         h.resolution * factor if h.resolution is not None else None)
 
 
+class _GuidedSparse:
+    """Classifier-free guidance of a sparse latent in ONE model call: the latent is stacked twice (samples ``b..2b-1``
+    get the unconditional tokens) and ``v = v_u + scale * (v_c - v_u)``. At the 512 stage's ~10k tokens the SSA
+    kernels are launch-bound, so one call on 2N tokens costs far less than two calls on N. The stacked tensor keeps
+    one coordinate cache, so the SSA layout is built once for all steps."""
+
+    def __init__(self, model: Callable, x, cond: torch.Tensor, uncond: torch.Tensor, scale: float,
+                 kwargs: dict) -> None:
+        from d3s2.sparse import SparseTensor
+
+        b = int(x.batch_size)
+        shifted = x.coords.clone()
+        shifted[:, 0] += b
+        self.model, self.scale, self.n = model, float(scale), x.num_voxels
+        self.x2 = SparseTensor(torch.cat([x.feats, x.feats]), torch.cat([x.coords, shifted]), batch_size=2 * b,
+                               resolution=x.resolution, stride=x.stride)
+        self.cond2 = torch.cat([cond, uncond])
+        self.kwargs = {k: (torch.cat([v, v]) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+
+    def __call__(self, x, t, cond, **kwargs):
+        f = x.feats
+        out = self.model(self.x2.replace(torch.cat([f, f])), torch.cat([t, t]), self.cond2, **self.kwargs)
+        v = (out.feats if hasattr(out, "feats") else out).float()
+        v_c, v_u = v[: self.n], v[self.n:]
+        return x.replace(v_u + self.scale * (v_c - v_u))
+
+
 class _Bar:
     """A tqdm bar per stage that counts model calls (wraps the model given to the sampler)."""
 
@@ -228,8 +359,8 @@ class ImageTo3DPipeline:
 
     ``models``: dict with the modules named in :data:`COMPONENTS` (and optionally :data:`OPTIONAL_COMPONENTS`);
     ``samplers``: per DiT component a :class:`~d3s2.flow.SamplerConfig` (steps / cfg / shift defaults).
-    ``low_vram``: keep models on the CPU and move each to ``device`` only for its stage (default: on CUDA when free
-    memory is below twice the models' size plus 8 GiB)."""
+    ``low_vram``: keep models on the CPU (pinned) and upload each to ``device`` only for its stage (default: on CUDA
+    when the free memory is below the weights' size in the run dtypes plus a 10 GiB working set)."""
 
     def __init__(self, models: dict[str, torch.nn.Module], samplers: dict[str, Any] | None = None,
                  settings: PipelineSettings | None = None, device: str | torch.device | None = None,
@@ -257,13 +388,32 @@ class ImageTo3DPipeline:
         if low_vram is None:
             low_vram = False
             if self.device.type == "cuda":
-                size = sum(p.numel() * p.element_size() for m in self.models.values() for p in m.parameters())
-                free = torch.cuda.mem_get_info(self.device)[0]
-                low_vram = free < 2 * size + (8 << 30)
+                # resident weights in their run dtypes (encoder fp32) + a working set for the 1024 stage; weights
+                # already on the card count as free (they would be replaced, not duplicated)
+                item = torch.empty(0, dtype=self.dtype).element_size()
+                size = sum(p.numel() * (4 if n == "image_encoder" else item)
+                           for n, m in self.models.items() for p in m.parameters())
+                here = sum(p.numel() * p.element_size() for m in self.models.values() for p in m.parameters()
+                           if p.device.type == "cuda")
+                free = torch.cuda.mem_get_info(self.device)[0] + here
+                low_vram = free < size + _LOW_VRAM_WORKSPACE
         self.low_vram = bool(low_vram)
+        self._parts: dict | None = None
+        self._peak_seen = 0
         for name, m in self.models.items():
             m.to(dtype=torch.float32 if name == "image_encoder" else self.dtype)
             m.to("cpu" if self.low_vram else self.device)
+        # low_vram: the host copy of every weight stays put (pinned on CUDA, so the upload runs at full PCIe speed);
+        # a stage points the modules at device copies and, afterwards, back at the host copies: inference never writes
+        # weights, so nothing is copied back.
+        self._host: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        if self.low_vram:
+            for name, m in self.models.items():
+                pairs = []
+                for t in (*m.parameters(), *m.buffers()):
+                    t.data = self._pinned(t.data)
+                    pairs.append((t, t.data))
+                self._host[name] = pairs
 
     # ------------------------------------------------------------------ construction
     def _check_dims(self) -> None:
@@ -429,34 +579,76 @@ class ImageTo3DPipeline:
         return path
 
     # ------------------------------------------------------------------ helpers
+    def _pinned(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return t
+        try:
+            return t.pin_memory()
+        except RuntimeError:  # pinning can fail (locked-memory limits): pageable copies still work, slower
+            return t
+
     def _use(self, *names: str):
-        """Context: the named models on the compute device (moved back to the CPU afterwards when low_vram)."""
+        """Context: the named models on the compute device (back on their host copies afterwards when low_vram)."""
         pipe = self
 
         class _Ctx:
             def __enter__(self):
                 if pipe.low_vram:
-                    for n in names:
-                        pipe.models[n].to(pipe.device)
+                    with pipe._part("to_device"):
+                        for n in names:
+                            for t, host in pipe._host[n]:
+                                t.data = host.to(pipe.device, non_blocking=True)
                 return [pipe.models[n] for n in names]
 
             def __exit__(self, *exc):
                 if pipe.low_vram:
-                    for n in names:
-                        pipe.models[n].to("cpu")
-                    if pipe.device.type == "cuda":
-                        torch.cuda.empty_cache()
+                    with pipe._part("offload"):
+                        for n in names:
+                            for t, host in pipe._host[n]:
+                                t.data = host
+                        if pipe.device.type == "cuda":
+                            torch.cuda.empty_cache()
                 return False
 
         return _Ctx()
 
-    def _stage(self, name: str, stats: list, fn: Callable, *args, **kwargs):
+    @contextlib.contextmanager
+    def _part(self, name: str):
+        """Times a piece of the current stage (seconds, peak GPU bytes) into its ``parts`` entry."""
+        if self._parts is None:
+            yield
+            return
+        self._peak_seen = max(self._peak_seen, _peak(self.device) or 0)
         _peak_reset(self.device)
         t0 = time.perf_counter()
-        out = fn(*args, **kwargs)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        stats.append({"stage": name, "seconds": time.perf_counter() - t0, "peak_gpu_bytes": _peak(self.device)})
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            entry = self._parts.setdefault(name, {"seconds": 0.0, "peak_gpu_bytes": None})
+            entry["seconds"] += time.perf_counter() - t0
+            pk = _peak(self.device)
+            if pk is not None:
+                entry["peak_gpu_bytes"] = max(entry["peak_gpu_bytes"] or 0, pk)
+                self._peak_seen = max(self._peak_seen, pk)
+
+    def _stage(self, name: str, stats: list, fn: Callable, *args, **kwargs):
+        _peak_reset(self.device)
+        self._parts, self._peak_seen = {}, 0
+        t0 = time.perf_counter()
+        try:
+            out = fn(*args, **kwargs)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        finally:
+            parts, self._parts = self._parts, None
+        peak = _peak(self.device)
+        entry = {"stage": name, "seconds": time.perf_counter() - t0,
+                 "peak_gpu_bytes": None if peak is None else max(peak, self._peak_seen)}
+        if parts:
+            entry["parts"] = parts
+        stats.append(entry)
         return out
 
     def _sampler(self, name: str, steps: int | None, cfg: float | None, shift: float | None):
@@ -473,10 +665,21 @@ class ImageTo3DPipeline:
         return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device, dtype)
 
     def _sample(self, name, model, noise, cond, uncond, cfg, kwargs, progress, desc):
-        from d3s2.flow.sampler import sample_euler
         from d3s2.flow.latents import is_sparse
+        from d3s2.flow.sampler import sample_euler
 
         guided = cfg.cfg_scale != 1.0
+        batch_cfg = self.settings.batch_cfg
+        if batch_cfg is None:
+            batch_cfg = self.device.type == "cuda"
+        if guided and is_sparse(noise) and batch_cfg:
+            model = _GuidedSparse(model, noise, cond, uncond, cfg.cfg_scale, kwargs)
+            bar = _Bar(model, cfg.steps, desc, progress)
+            try:
+                return sample_euler(bar, noise, cond, None, steps=cfg.steps, cfg_scale=1.0, shift=cfg.shift,
+                                    t_scale=cfg.t_scale, model_kwargs={})
+            finally:
+                bar.close()
         calls = cfg.steps * (2 if guided and is_sparse(noise) else 1)
         bar = _Bar(model, calls, desc, progress)
         try:
@@ -499,7 +702,8 @@ class ImageTo3DPipeline:
         from d3s2.models.conditioning import sparse_condition
 
         with self._use("image_encoder") as (enc,):
-            tokens = enc(pixels.to(self.device)).float()
+            with self._part("encoder"):
+                tokens = enc(pixels.to(self.device)).float()
         out = {"dense": tokens}
         for s in ("512", "1024"):
             dit = self.models.get(f"ss_dit_{s}")
@@ -509,21 +713,26 @@ class ImageTo3DPipeline:
         return out
 
     @torch.no_grad()
-    def _structure(self, cond, generator, steps, cfg, shift, progress) -> torch.Tensor:
+    def _structure(self, cond, generator, steps, cfg, shift, progress, hook=None) -> torch.Tensor:
         from d3s2.models.dense_vae import occupancy_to_coords
 
         dit_cfg = self.models["dense_dit"].config
         b = cond["dense"].shape[0]
         r = dit_cfg.resolution
-        noise = self._randn((b, dit_cfg.in_channels, r, r, r), generator, self.dtype)
+        noise = self._randn((b, dit_cfg.in_channels, r, r, r), generator)  # fp32 latent, cast inside the model
         sc = self._sampler("dense_dit", steps, cfg, shift)
         with self._use("dense_dit") as (dit,):
             tokens = cond["dense"].to(self.dtype)
-            latent = self._sample("dense_dit", dit, noise, tokens, torch.zeros_like(tokens), sc, {}, progress,
-                                  "structure")
+            with self._part("dit"):
+                latent = self._sample("dense_dit", dit, noise, tokens, torch.zeros_like(tokens), sc, {}, progress,
+                                      "structure")
         with self._use("dense_vae") as (vae,):
-            logits = vae.decode(latent)
-        coords = occupancy_to_coords(logits, self.settings.occupancy_threshold)
+            with self._part("decode"):
+                logits = vae.decode(latent)
+                coords = occupancy_to_coords(logits, self.settings.occupancy_threshold)
+        if hook is not None:
+            with self._part("hook"):
+                coords = torch.as_tensor(hook(coords)).to(self.device, torch.int32)
         counts = torch.bincount(coords[:, 0].long(), minlength=b)
         empty = torch.nonzero(counts == 0).flatten().tolist()
         if empty:
@@ -533,13 +742,13 @@ class ImageTo3DPipeline:
 
     @torch.no_grad()
     def _sparse(self, stage: str, coords: torch.Tensor, b: int, cond, generator, steps, cfg, shift, progress,
-                chunk: int | None):
+                chunk: int | None, hook=None):
         from d3s2.sparse import SparseTensor
 
         dit_name, vae_name = f"ss_dit_{stage}", f"ss_vae_{stage}"
         dit_cfg = self.models[dit_name].config
         coords = coords.to(self.device, torch.int32)
-        noise = self._randn((coords.shape[0], dit_cfg.in_channels), generator, self.dtype)
+        noise = self._randn((coords.shape[0], dit_cfg.in_channels), generator)  # fp32 latent
         x = SparseTensor(noise, coords, batch_size=b)
         sc = self._sampler(dit_name, steps, cfg, shift)
         if stage in cond:  # sparse conditioning (v1.0)
@@ -549,10 +758,17 @@ class ImageTo3DPipeline:
         else:
             tokens, kwargs = cond["dense"].to(self.dtype), {}
         with self._use(dit_name) as (dit,):
-            latent = self._sample(dit_name, dit, x, tokens, torch.zeros_like(tokens), sc, kwargs, progress,
-                                  f"sparse {stage}")
+            with self._part("dit"):
+                latent = self._sample(dit_name, dit, x, tokens, torch.zeros_like(tokens), sc, kwargs, progress,
+                                      f"sparse {stage}")
+        del x, noise
         with self._use(vae_name) as (vae,):
-            decoded = decode_sparse_chunked(vae, latent, chunk)
+            with self._part("decode"):
+                vae_dtype = next(vae.parameters()).dtype
+                decoded = decode_sparse_chunked(vae, latent.replace(latent.feats.to(vae_dtype)), chunk)
+        if hook is not None:
+            with self._part("hook"):
+                decoded = hook(stage, decoded)
         return decoded
 
     def _meshes(self, decoded, b: int, resolution: int, level: float) -> list:
@@ -560,30 +776,36 @@ class ImageTo3DPipeline:
 
         from d3s2.geometry.marching_cubes import sparse_marching_cubes
 
+        from d3s2.geometry.cleanup import vertex_normals
+
         out = []
         for i in range(b):
-            sel = decoded.coords[:, 0] == i
-            verts, faces = sparse_marching_cubes(decoded.coords[sel, 1:], decoded.feats[sel, 0].float(), resolution,
-                                                 level, world=True)
+            with self._part("marching_cubes"):
+                sel = decoded.coords[:, 0] == i
+                verts, faces = sparse_marching_cubes(decoded.coords[sel, 1:], decoded.feats[sel, 0].float(),
+                                                     resolution, level, world=True)
             if len(faces) == 0:
-                raise D3S2Error(f"image {i}: the decoded SDF has no surface at level {level} at {resolution}^3; "
-                                "try another seed")
-            out.append(trimesh.Trimesh(verts.cpu().numpy(), faces.cpu().numpy(), process=False))
+                raise D3S2Error(f"image {i}: the decoded SDF has no surface at level {level} at "
+                                f"{resolution}^3; try another seed")
+            with self._part("normals"):  # on the compute device: trimesh's take seconds on millions of faces
+                normals = vertex_normals(verts, faces)
+            with self._part("to_host"):
+                out.append(trimesh.Trimesh(verts.cpu().numpy(), faces.cpu().numpy(),
+                                           vertex_normals=normals.cpu().numpy(), process=False))
         return out
 
     def _band_coords(self, meshes: list, resolution: int) -> torch.Tensor:
-        from d3s2.data.sdf import unsigned_band
-
+        """Latent coordinates of the 1024 stage: the unsigned band (``band_voxels / R``) of each 512 mesh, ``// 8``
+        (:func:`latent_band_coords`: GPU octree on CUDA with warp-lang, libigl on the CPU)."""
         factor = self.models["ss_vae_1024"].cfg.downsample_factor
-        # the pipeline's device decides: warp's GPU queries on CUDA, libigl on the CPU
-        backend, dev = ("auto", str(self.device)) if self.device.type == "cuda" else ("cpu", None)
         parts = []
-        for i, mesh in enumerate(meshes):
-            coords, _ = unsigned_band(mesh, resolution, self.settings.band_voxels / resolution, backend=backend,
-                                      device=dev)
-            if len(coords) == 0:
-                raise D3S2Error(f"image {i}: the 512 mesh has no band voxels at {resolution}^3")
-            parts.append(latent_shell_coords(coords, factor, batch=i))
+        with self._part("band"):
+            for i, mesh in enumerate(meshes):
+                lat = latent_band_coords(mesh.vertices, mesh.faces, resolution, self.settings.band_voxels / resolution,
+                                         factor, device=self.device, batch=i)
+                if len(lat) == 0:
+                    raise D3S2Error(f"image {i}: the 512 mesh has no band voxels at {resolution}^3")
+                parts.append(lat)
         return torch.cat(parts)
 
     # ------------------------------------------------------------------ call
@@ -591,7 +813,7 @@ class ImageTo3DPipeline:
     def __call__(self, image, generator: torch.Generator | None = None, resolution: int = 512,
                  num_inference_steps: dict | int | None = None, guidance_scale: dict | float | None = None,
                  shift: dict | float | None = None, faces: int | None = None, progress: bool = True,
-                 structure_coords: torch.Tensor | None = None) -> list:
+                 structure_coords: torch.Tensor | None = None, hooks: dict[str, Callable] | None = None) -> list:
         """Generate one mesh per image.
 
         ``image``: a path, PIL image, array or a list of them. ``resolution``: 512 (first sparse stage) or 1024 (adds
@@ -601,8 +823,12 @@ class ImageTo3DPipeline:
         release's 50 / 30 / 15 steps, CFG 7, shift 6 / 6 / 8). ``faces``: decimate to about this many faces.
         ``structure_coords``: DEBUGGING / BENCHMARK HOOK: int ``[N, 4]`` (batch, x, y, z) latent coordinates of the
         first sparse stage that replace the structure stage (e.g. a real mesh's latent shell, so that random-weight
-        models see a realistic token set). Per-stage seconds and peak GPU bytes: :attr:`last_stats` and each mesh's
-        ``metadata["d3s2_stats"]``."""
+        models see a realistic token set). ``hooks``: BENCHMARK HOOKS that keep every stage running but replace its
+        result: ``"structure"``: ``fn(coords [N, 4]) -> coords`` after the structure stage; ``"decoded"``:
+        ``fn(stage "512" | "1024", decoded SparseTensor) -> SparseTensor`` after each SS-VAE decode (e.g. a real
+        mesh's SDF on the decoded voxels, so that marching cubes, the 1024 band and clean-up see a real surface);
+        their time is reported as the part ``hook``. Per-stage seconds and peak GPU bytes (and ``parts``):
+        :attr:`last_stats` and each mesh's ``metadata["d3s2_stats"]``."""
         images = list(image) if isinstance(image, (list, tuple)) else [image]
         if not images:
             raise D3S2Error("no images given")
@@ -610,6 +836,10 @@ class ImageTo3DPipeline:
             raise D3S2Error(f"resolution must be 512 or 1024, got {resolution}")
         if resolution == 1024 and "ss_dit_1024" not in self.models:
             raise D3S2Error("this pipeline has no 1024 stage (ss_vae_1024 / ss_dit_1024); use resolution=512")
+        hooks = dict(hooks or {})
+        unknown = set(hooks) - {"structure", "decoded"}
+        if unknown:
+            raise D3S2Error(f"unknown hook(s) {sorted(unknown)} (valid: structure, decoded)")
         if generator is None:
             generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
 
@@ -625,7 +855,7 @@ class ImageTo3DPipeline:
         if structure_coords is None:
             coords = self._stage("structure", stats, self._structure, cond, generator,
                                  per(num_inference_steps, "dense"), per(guidance_scale, "dense"), per(shift, "dense"),
-                                 progress)
+                                 progress, hooks.get("structure"))
         else:
             coords = torch.as_tensor(structure_coords).to(torch.int32)
             if coords.ndim != 2 or coords.shape[1] != 4 or coords.shape[0] == 0:
@@ -638,7 +868,7 @@ class ImageTo3DPipeline:
         def stage512():
             dec = self._sparse("512", coords, b, cond, generator, per(num_inference_steps, "512"),
                                per(guidance_scale, "512"), per(shift, "512"), progress,
-                               self.settings.decode_chunk)
+                               self.settings.decode_chunk, hooks.get("decoded"))
             return self._meshes(dec, b, r512, self.settings.mc_level_512)
 
         meshes = self._stage("sparse_512", stats, stage512)
@@ -649,7 +879,7 @@ class ImageTo3DPipeline:
                 c = self._band_coords(meshes, r1024)
                 dec = self._sparse("1024", c, b, cond, generator, per(num_inference_steps, "1024"),
                                    per(guidance_scale, "1024"), per(shift, "1024"), progress,
-                                   self.settings.decode_chunk)
+                                   self.settings.decode_chunk, hooks.get("decoded"))
                 return self._meshes(dec, b, r1024, self.settings.mc_level_1024)
 
             meshes = self._stage("sparse_1024", stats, stage1024)
@@ -657,8 +887,13 @@ class ImageTo3DPipeline:
         def cleanup():
             from d3s2.geometry.cleanup import clean_mesh
 
-            return [clean_mesh(m, min_area_fraction=self.settings.min_area_fraction, target_faces=faces)
-                    for m in meshes]
+            if self.settings.min_area_fraction <= 0 and faces is None:
+                # nothing to remove or decimate: the marching-cubes meshes (welded, vertex normals computed on the
+                # device) are final; clean_mesh would only rebuild them (seconds at 1024)
+                return meshes
+            with self._part("clean_mesh"):
+                return [clean_mesh(m, min_area_fraction=self.settings.min_area_fraction, target_faces=faces)
+                        for m in meshes]
 
         meshes = self._stage("cleanup", stats, cleanup)
         stats.append({"stage": "total", "seconds": time.perf_counter() - t_all,
