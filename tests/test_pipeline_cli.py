@@ -1,5 +1,8 @@
 """``d3s2 generate`` (d3s2.pipelines.cli): meshes written atomically, per-image errors that do not stop the batch,
-clear one-line errors and exit codes, no partial files."""
+clear one-line errors and exit codes, no partial files; the bundled demo model when no --weights is given
+(d3s2.pipelines.bundled), --examples and --preview."""
+
+import shutil
 
 import numpy as np
 import pytest
@@ -87,12 +90,27 @@ def test_generate_all_good_exit_zero_and_glb(tmp_path, weights, capsys):
     assert 0 < len(m.faces) <= 550
 
 
-def test_generate_weights_errors(tmp_path, capsys):
+@pytest.fixture
+def assets(tmp_path, monkeypatch):
+    """An empty stand-in for the package's assets folder (add ``demo/`` or ``examples/`` to it)."""
+    from d3s2.pipelines import bundled
+
+    root = tmp_path / "assets"
+    root.mkdir()
+    monkeypatch.setattr(bundled, "_assets_dir", lambda: root)
+    return root
+
+
+def test_generate_weights_errors(tmp_path, assets, capsys):
     img = _image(tmp_path / "a.png")
     out = tmp_path / "o"
-    assert main(["generate", img, "-o", str(out)]) == 2
+    assert main(["generate", img, "-o", str(out)]) == 2  # no --weights and no bundled model
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--weights" in err[0]
+    assert len(err) == 1 and "--weights" in err[0] and "no bundled demo model" in err[0]
+    assert "demo/bundle.py" in err[0]
+    (assets / "demo").mkdir()  # a half-there bundle (no pipeline.yaml) counts as absent
+    assert main(["generate", img, "-o", str(out)]) == 2
+    assert "no bundled demo model" in capsys.readouterr().err
     assert main(["generate", img, "-o", str(out), "--weights", str(tmp_path / "no_such_folder")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "weights folder not found" in err[0]
@@ -100,3 +118,59 @@ def test_generate_weights_errors(tmp_path, capsys):
     assert main(["generate", img, "-o", str(out), "--weights", str(tmp_path / "junk")]) == 2
     assert "no pipeline.yaml" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_generate_uses_the_bundled_model_without_weights(tmp_path, weights, assets, capsys):
+    import trimesh
+
+    from d3s2.pipelines.bundled import bundled_model_path, resolve_weights
+
+    shutil.copytree(weights, assets / "demo")
+    assert bundled_model_path() == assets / "demo"
+    assert resolve_weights(None) == (str(assets / "demo"), True)
+    assert resolve_weights(weights) == (str(weights), False)
+    out = tmp_path / "o"
+    rc = main(["generate", _image(tmp_path / "a.png"), _image(tmp_path / "b.png"), "-o", str(out), "--no-progress",
+               "--steps-dense", "2", "--steps-512", "2", "--faces", "500", "--preview"])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    notes = [line for line in cap.err.splitlines() if "bundled demo model" in line]
+    assert notes == ["d3s2 generate: no --weights given, using the bundled demo model (small, trained on pybullet "
+                     "meshes; see README)"]
+    assert _files(out) == ["a.glb", "a.preview.png", "b.glb", "b.preview.png"]
+    assert len(trimesh.load(out / "a.glb", force="mesh").faces) > 0
+    with Image.open(out / "a.preview.png") as im:
+        assert im.mode == "RGB" and im.size[0] == 2 * im.size[1]
+    assert "a.preview.png" in cap.out
+    # an explicit --weights wins and prints no note
+    rc = main(["generate", _image(tmp_path / "c.png"), "-o", str(out), "--weights", str(weights), "--no-progress",
+               "--steps-dense", "1", "--steps-512", "1", "--faces", "500"])
+    cap = capsys.readouterr()
+    assert rc == 0 and "bundled" not in cap.err
+    assert "c.glb" in _files(out) and "c.preview.png" not in _files(out)
+
+
+def test_generate_examples_flag(tmp_path, weights, assets, capsys):
+    (assets / "examples").mkdir()
+    _image(assets / "examples" / "ex1.png")
+    out = tmp_path / "o"
+    rc = main(["generate", "--examples", "-o", str(out), "--weights", str(weights), "--no-progress",
+               "--steps-dense", "1", "--steps-512", "1", "--faces", "500"])
+    assert rc == 0, capsys.readouterr().err
+    assert _files(out) == ["ex1.glb"]
+    shutil.rmtree(assets / "examples")
+    assert main(["generate", "--examples", "-o", str(out), "--weights", str(weights)]) == 2
+    assert "no bundled example images" in capsys.readouterr().err
+    assert main(["generate", "-o", str(out), "--weights", str(weights)]) == 2
+    assert "no input images" in capsys.readouterr().err
+
+
+def test_real_bundle_loads_when_present():
+    """Once demo/bundle.py has written src/d3s2/assets/demo/, it must load as the demo pipeline (256^3 stage)."""
+    from d3s2.pipelines.bundled import bundled_model_path
+
+    path = bundled_model_path()
+    if path is None:
+        pytest.skip("no bundled demo model in this checkout yet (demo/bundle.py writes it)")
+    pipe = ImageTo3DPipeline.from_pretrained(path, device="cpu")
+    assert pipe.resolution_512 == 256 and pipe.resolution_1024 is None

@@ -22,6 +22,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("train", "d3s2.train.command:add_parser"),
     ("generate", "d3s2.pipelines.cli:add_parser"),
     ("encode-latents", "d3s2.train.encode_latents:add_parser"),
+    ("serve", "d3s2.serve.app:add_parser"),
 ]
 
 

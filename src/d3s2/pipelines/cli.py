@@ -1,8 +1,11 @@
 """``d3s2 generate``: images -> meshes with :class:`~d3s2.pipelines.image_to_3d.ImageTo3DPipeline`.
 
-Each image is written to ``OUT_DIR/<image stem>.<format>`` atomically. A bad image (missing, not an image, corrupt,
-empty mask, no shape found) prints one line on stderr and the others still run; the exit status is 1 when any image
-failed. A bad ``--weights`` folder stops everything (exit 2, from the CLI's D3S2Error handler).
+Each image is written to ``OUT_DIR/<image stem>.<format>`` atomically (with ``--preview`` also
+``OUT_DIR/<image stem>.preview.png``: the input beside a render of the mesh). A bad image (missing, not an image,
+corrupt, empty mask, no shape found) prints one line on stderr and the others still run; the exit status is 1 when any
+image failed. A bad ``--weights`` folder stops everything (exit 2, from the CLI's D3S2Error handler). Without
+``--weights`` the bundled demo model is used (:mod:`d3s2.pipelines.bundled`), with a note on stderr; ``--examples``
+adds the bundled example images to the inputs.
 """
 
 from __future__ import annotations
@@ -22,10 +25,15 @@ def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="image(s) to 3D mesh(es)",
                        description="Generate a mesh per image with the Direct3D-S2 pipeline (structure, 512 and "
                                    "optionally 1024 stage).")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="input images (RGBA with transparent background best)")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="input images (RGBA with transparent background best)")
     p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="folder for the meshes")
     p.add_argument("--weights", metavar="PATH", help="pipeline folder (save_pretrained output, or the authors' "
-                                                     "release folder with config.yaml)")
+                                                     "release folder with config.yaml); default: the bundled demo "
+                                                     "model")
+    p.add_argument("--examples", action="store_true", help="also run the bundled example images (renders of meshes "
+                                                           "the demo model never saw)")
+    p.add_argument("--preview", action="store_true", help="also write OUT_DIR/<stem>.preview.png: the input image "
+                                                          "beside a shaded render of the mesh")
     p.add_argument("--resolution", type=int, choices=(512, 1024), default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--faces", type=int, default=None, help="decimate to about this many faces")
@@ -59,19 +67,30 @@ def run_generate(args: argparse.Namespace) -> int:
     import torch
 
     from d3s2.geometry.export import save_mesh
+    from d3s2.pipelines.bundled import BUNDLED_NOTE, example_images, resolve_weights
     from d3s2.pipelines.image_to_3d import ImageTo3DPipeline
 
-    if args.weights is None:
-        raise D3S2Error("no bundled model yet: pass --weights PATH (a folder written by "
-                        "ImageTo3DPipeline.save_pretrained, or the authors' release folder)")
+    images = list(args.images)
+    if args.examples:
+        found = example_images()
+        if not found:
+            raise D3S2Error("--examples: this install has no bundled example images (d3s2/assets/examples/); "
+                            "give image paths instead")
+        images += [os.fspath(p) for p in found]
+    if not images:
+        raise D3S2Error("no input images: give IMAGE paths or --examples")
     if args.faces is not None and args.faces < 4:
         raise D3S2Error(f"--faces {args.faces} is too small; ask for at least 4 faces")
-    pipe = ImageTo3DPipeline.from_pretrained(args.weights, device=args.device, low_vram=args.low_vram or None)
+    weights, bundled = resolve_weights(args.weights)
+    if bundled:
+        print(f"d3s2 generate: no --weights given, {BUNDLED_NOTE}", file=sys.stderr)
+    pipe = ImageTo3DPipeline.from_pretrained(weights, device=args.device, low_vram=args.low_vram or None)
     out_dir = Path(args.output)
     steps = {"dense": args.steps_dense, "512": args.steps_512, "1024": args.steps_1024}
     failed = 0
-    for image in args.images:
+    for image in images:
         target = out_dir / f"{Path(image).stem}.{args.format}"
+        preview = out_dir / f"{Path(image).stem}.preview.png"
         caught: list = []
         try:
             with warnings.catch_warnings(record=True) as caught:
@@ -80,6 +99,10 @@ def run_generate(args: argparse.Namespace) -> int:
                               num_inference_steps=steps, guidance_scale=args.cfg, faces=args.faces,
                               progress=not args.no_progress)
             save_mesh(meshes[0], target, args.format)
+            if args.preview:
+                from d3s2.pipelines.preview import write_preview
+
+                write_preview(preview, image, meshes[0], device=str(pipe.device))
         except D3S2Error as exc:
             failed += 1
             _print_warnings(caught)
@@ -87,9 +110,10 @@ def run_generate(args: argparse.Namespace) -> int:
             continue
         _print_warnings(caught)
         m = meshes[0]
-        print(f"{image} -> {os.fspath(target)} ({len(m.vertices)} vertices, {len(m.faces)} faces): "
+        extra = f" + {os.fspath(preview)}" if args.preview else ""
+        print(f"{image} -> {os.fspath(target)}{extra} ({len(m.vertices)} vertices, {len(m.faces)} faces): "
               f"{format_stats(pipe.last_stats)}")
     if failed:
-        print(f"d3s2 generate: {failed} of {len(args.images)} image(s) failed", file=sys.stderr)
+        print(f"d3s2 generate: {failed} of {len(images)} image(s) failed", file=sys.stderr)
         return 1
     return 0
