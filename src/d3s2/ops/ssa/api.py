@@ -1,9 +1,11 @@
 """Spatial Sparse Attention as one functional op (paper Sec. 4.1, Eq. 6-8) with an explicit backend choice.
 
 ``spatial_sparse_attention(q, k, v, layout, ...)`` runs the compression, selection and window branches and the gated
-combination. ``backend="auto"`` takes the Triton kernels for CUDA tensors and the PyTorch reference otherwise;
-"triton" forces the kernels (on CPU tensors that needs Triton's interpreter, ``TRITON_INTERPRET=1`` set before
-import); "reference" forces the masked PyTorch reference. Nothing is read from the environment here.
+combination. ``backend="auto"`` takes the Triton kernels for CUDA tensors and the blocked PyTorch backend
+(:mod:`d3s2.ops.ssa.blocked`: same function, gather formulation, no ``N x N`` tensor) otherwise; "triton" forces the
+kernels (on CPU tensors that needs Triton's interpreter, ``TRITON_INTERPRET=1`` set before import); "blocked" forces
+the blocked backend (any device); "reference" forces the masked dense PyTorch reference (the test oracle, O(N^2)).
+Nothing is read from the environment here.
 """
 
 from __future__ import annotations
@@ -21,17 +23,18 @@ from d3s2.ops.ssa.layout import SSALayout
 __all__ = ["spatial_sparse_attention", "mean_pool_blocks", "resolve_backend", "BRANCHES"]
 
 BRANCHES = ("cmp", "slc", "win")
+BACKENDS = ("auto", "triton", "blocked", "reference")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "reference"
-    if backend not in ("triton", "reference"):
-        raise D3S2Error(f"unknown SSA backend {backend!r}: use 'auto', 'triton' or 'reference'")
+        return "triton" if device.type == "cuda" else "blocked"
+    if backend not in BACKENDS:
+        raise D3S2Error(f"unknown SSA backend {backend!r}: use 'auto', 'triton', 'blocked' or 'reference'")
     if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         # only checked, never used to choose: the choice stays the caller's
         raise D3S2Error("backend='triton' on CPU tensors needs Triton's interpreter (TRITON_INTERPRET=1 set before "
-                        "importing d3s2); use backend='reference' on a CPU")
+                        "importing d3s2); use backend='blocked' (or 'auto') on a CPU")
     return backend
 
 
@@ -104,7 +107,12 @@ def spatial_sparse_attention(
         raise D3S2Error(f"gate_logits must be [N, {len(branches)}], got {tuple(gate_logits.shape)}")
 
     parts: dict[str, torch.Tensor] = {}
-    if be == "reference":
+    if be == "blocked":
+        from d3s2.ops.ssa.blocked import ssa_blocked
+
+        out, parts = ssa_blocked(q, k, v, k_cmp, v_cmp, gate_logits, layout, top_k=top_k, branches=branches,
+                                 window_shift=window_shift, scale=scale, return_parts=True)
+    elif be == "reference":
         out, parts = ref.ssa_reference(q, k, v, k_cmp, v_cmp, gate_logits, layout, top_k=top_k, branches=branches,
                                        window_shift=window_shift, scale=scale, return_parts=True)
     else:
