@@ -87,14 +87,15 @@ def test_demo_model_and_training_configs_load():
         with torch.device("meta"):
             m = build_model(name)
         assert sum(p.numel() for p in m.parameters()) > 1e5, name
-    ss = load_model_config("demo_ss_vae")
-    # the SS-VAE latent grid at 256^3 is the 64^3 structure grid, and the SS-DiT runs on it
+    # the sparse stage runs at 128^3: the SS-VAE latent grid there (1/4) is the 32^3 structure grid, and the SS-DiT
+    # runs on it (small enough for a CPU demo: ~2-4k tokens per image)
     with torch.device("meta"):
         vae = build_model("demo_ss_vae")
-    assert ss.params.resolution // vae.cfg.downsample_factor == 64
-    assert load_model_config("demo_ss_dit").params.resolution == 64
+    structure = load_model_config("demo_dense_vae").params.resolution
+    assert structure == 32 and structure * vae.cfg.downsample_factor == 128
+    assert load_model_config("demo_ss_dit").params.resolution == structure
     assert load_model_config("demo_ss_dit").params.ssa_mode == "ssa"
-    assert load_model_config("demo_dense_vae").params.resolution == 64
+    assert 128 in load_train_config("demo_train_ss_dit")[0].data.resolutions
     for name in DEMO_TRAIN:
         cfg, _ = load_train_config(name)
         assert cfg.total_steps > 0 and cfg.resume == "auto"
