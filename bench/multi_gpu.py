@@ -83,9 +83,8 @@ def _q(xs: list[float], q: float) -> float:
 def run_metrics(log_dir: str | Path, world: int, batch_size: int, warmup: int) -> dict[str, Any]:
     """Per-step and steady-state numbers of one run from its ``metrics_rank<r>.jsonl`` files (``log.all_ranks``).
 
-    The trainer logs, per rank and step (``log.every: 1``), ``samples_per_s = batch * world / dt`` and
-    ``tokens_per_s = own_tokens * world / dt`` over its own step interval ``dt``: so ``dt = batch * world /
-    samples_per_s`` and the rank's tokens ``= tokens_per_s * dt / world``."""
+    The trainer logs, per rank and step (``log.every: 1``), the rank's own ``rank_tokens`` and its step interval
+    ``interval_s`` (``samples_per_s`` / ``tokens_per_s`` are the whole job's, summed over ranks)."""
     ranks = [[r for r in read_jsonl(Path(log_dir) / f"metrics_rank{k}.jsonl") if r.get("kind") == "train"]
              for k in range(world)]
     # checkpoint / resume events go to the main log (metrics.jsonl, rank 0); the rank logs only get "end"
@@ -104,9 +103,9 @@ def run_metrics(log_dir: str | Path, world: int, batch_size: int, warmup: int) -
     per_step = []
     for s in steps:
         recs = [b[s] for b in by_step]
-        dts = [batch_size * world / r["samples_per_s"] for r in recs if r.get("samples_per_s")]
+        dts = [r["interval_s"] for r in recs if r.get("interval_s")]
         dt = dts[0] if dts else float("nan")
-        toks = [r.get("tokens_per_s", 0.0) * (batch_size * world / r["samples_per_s"]) / world for r in recs]
+        toks = [float(r.get("rank_tokens", 0.0)) for r in recs]
         per_step.append({"step": s, "dt": dt, "tokens": [round(t, 3) for t in toks],
                          "mem_gib": [r.get("gpu_mem_gb") for r in recs]})
     out["per_step"] = [{"step": p["step"], "seconds": round(p["dt"], 4), "tokens_per_rank": [round(t) for t in

@@ -16,8 +16,8 @@ _SPEC.loader.exec_module(mg)
 
 
 def _write_rank_logs(d: Path, dts: list[float], tokens: list[list[int]], batch: int, mem: list[float]) -> None:
-    """What the trainer writes with log.every 1 and log.all_ranks: per rank, samples_per_s = batch * world / dt and
-    tokens_per_s = own_tokens * world / dt."""
+    """What the trainer writes with log.every 1 and log.all_ranks: per rank its own ``rank_tokens`` and ``interval_s``;
+    ``samples_per_s`` / ``tokens_per_s`` are the job's (summed over ranks)."""
     world = len(tokens)
     for r in range(world):
         lines = []
@@ -25,7 +25,9 @@ def _write_rank_logs(d: Path, dts: list[float], tokens: list[list[int]], batch: 
         for i, dt in enumerate(dts):
             t += dt
             lines.append({"kind": "train", "step": i + 1, "time": t, "loss": 2.0 - 0.1 * i,
-                          "samples_per_s": batch * world / dt, "tokens_per_s": tokens[r][i] * world / dt,
+                          "samples_per_s": batch * world / dt,
+                          "tokens_per_s": sum(tk[i] for tk in tokens) / dt,
+                          "rank_samples": batch, "rank_tokens": tokens[r][i], "interval_s": dt,
                           "gpu_mem_gb": mem[r] * (i + 1) / len(dts)})
         lines.append({"kind": "event", "step": len(dts), "event": "end", "weights": f"w{r}"})
         (d / f"metrics_rank{r}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"kind": "tr')

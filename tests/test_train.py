@@ -456,6 +456,11 @@ def test_torchrun_ddp_two_ranks_agree(prepared, tmp_path):
     l0 = [r["loss"] for r in r0 if r["kind"] == "train"]
     l1 = [r["loss"] for r in r1 if r["kind"] == "train"]
     assert len(l0) == 2 and l0 == l1  # the all-reduced loss
+    # throughput is the job's (the ranks' own counts summed, over each rank's interval); each rank logs its own count
+    for a, b in zip([r for r in r0 if r["kind"] == "train"], [r for r in r1 if r["kind"] == "train"]):
+        assert a["rank_tokens"] > 0 and b["rank_tokens"] > 0
+        for r in (a, b):
+            assert r["tokens_per_s"] * r["interval_s"] == pytest.approx(a["rank_tokens"] + b["rank_tokens"], rel=1e-6)
     assert r0[-1]["event"] == "end" and r0[-1]["weights"] == r1[-1]["weights"]  # DDP kept the replicas identical
     from d3s2.train.trainer import state_digest
 

@@ -346,24 +346,29 @@ class Trainer:
                     if self.ema is not None and step % cfg.ema.every == 0:
                         self.ema.update(self.raw)
                     stats = self.task.batch_stats(batch)
-                    samples_acc += stats.get("samples", 0.0) * info.world_size
-                    tokens_acc += stats.get("tokens", 0.0) * info.world_size
+                    samples_acc += stats.get("samples", 0.0)  # this rank's; summed over ranks when logged
+                    tokens_acc += stats.get("tokens", 0.0)
                     if step % cfg.log.every == 0 or step == end:
                         terms = {k: float(v.detach()) for k, v in out.items() if torch.is_tensor(v) and v.ndim == 0}
                         terms = all_reduce_mean(terms, info)
                         dt = max(1e-9, time.perf_counter() - t_last)
-                        scalars = dict(terms, lr=lr, grad_norm=float(gnorm), samples_per_s=samples_acc / dt,
+                        # throughput of the whole job: the ranks' own counts summed (ragged token counts per rank)
+                        total = {k: v * info.world_size for k, v in
+                                 all_reduce_mean({"samples": samples_acc, "tokens": tokens_acc}, info).items()}
+                        scalars = dict(terms, lr=lr, grad_norm=float(gnorm), samples_per_s=total["samples"] / dt,
                                        phase=phase_idx, resolution=float(res or 0))
-                        if tokens_acc:
-                            scalars["tokens_per_s"] = tokens_acc / dt
+                        if total["tokens"]:
+                            scalars["tokens_per_s"] = total["tokens"] / dt
                         if info.device.type == "cuda":
                             scalars["gpu_mem_gb"] = torch.cuda.max_memory_allocated(info.device) / 2**30
+                        samples_own, tokens_own = samples_acc, tokens_acc
                         t_last, samples_acc, tokens_acc = time.perf_counter(), 0.0, 0.0
                         history.append(terms["loss"])
                         if self.logger is not None:
                             self.logger.log(step, scalars)
-                        if rank_logger is not None:
-                            rank_logger.log(step, scalars)
+                        if rank_logger is not None:  # + this rank's own counts over its own interval
+                            rank_logger.log(step, dict(scalars, rank_samples=samples_own, rank_tokens=tokens_own,
+                                                       interval_s=dt))
                         if bar is not None:
                             bar.set_postfix(loss=f"{terms['loss']:.4g}", lr=f"{lr:.2e}")
                     if bar is not None:
