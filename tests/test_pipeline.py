@@ -17,12 +17,7 @@ from d3s2.errors import D3S2Error
 from d3s2.pipelines.image_to_3d import ImageTo3DPipeline, decode_sparse_chunked, latent_shell_coords
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny CPU runs: 1 thread is faster on a busy machine
 
 
 def _centre_decoder_output(pipe):

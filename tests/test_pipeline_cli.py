@@ -6,19 +6,14 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from d3s2.cli import main
 from d3s2.pipelines.image_to_3d import ImageTo3DPipeline
+from pipeline_helpers import make_tiny_weights
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny CPU runs: 1 thread is faster on a busy machine
 
 
 def _image(path, alpha=True):
@@ -33,21 +28,7 @@ def _image(path, alpha=True):
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     """A tiny random-weight pipeline whose SS-VAE output is shifted (decoder bias) so the SDF has a surface."""
-    root = tmp_path_factory.mktemp("weights")
-    pipe = ImageTo3DPipeline.from_config("pipeline_tiny", seed=0)
-    medians = []
-
-    def hook(mod, inp, out):
-        medians.append(out.feats.median())
-        return out.replace(out.feats - medians[-1])
-
-    vae = pipe.models["ss_vae_512"]
-    handle = vae.decoder.out_layer.register_forward_hook(hook)
-    pipe(_image(root / "probe.png"), generator=torch.Generator().manual_seed(0), progress=False)
-    handle.remove()
-    with torch.no_grad():
-        vae.decoder.out_layer.bias -= medians[0]
-    return pipe.save_pretrained(root / "tiny")
+    return make_tiny_weights(tmp_path_factory.mktemp("weights"))
 
 
 def _files(folder):

@@ -3,19 +3,13 @@ atomic PNG write."""
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from d3s2.errors import D3S2Error
 from d3s2.pipelines.preview import PreviewCamera, compose_preview, fit_panel, render_mesh_view, write_preview
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny CPU runs: 1 thread is faster on a busy machine
 
 
 def _bar():

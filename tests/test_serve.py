@@ -11,47 +11,10 @@ import torch
 from PIL import Image
 
 from d3s2.errors import D3S2Error
-from d3s2.pipelines.image_to_3d import ImageTo3DPipeline
 from d3s2.serve import backend
 from d3s2.serve.backend import (GenerateOptions, Generator, SessionStore, list_examples, preview_image, public_message,
                                 read_upload, run_logged, safe_stem)
-
-
-def square_image(path=None, size=64, alpha=True):
-    """An orange rectangle on a transparent background (rows 16:48, columns 20:44 of 64)."""
-    s = size / 64
-    a = np.zeros((size, size, 4), np.uint8)
-    a[round(16 * s):round(48 * s), round(20 * s):round(44 * s)] = (200, 100, 50, 255)
-    if not alpha:
-        a[..., 3] = 0
-    if path is None:
-        return a
-    Image.fromarray(a).save(path)
-    return path
-
-
-def make_tiny_weights(root):
-    """A tiny random-weight pipeline saved under ``root/tiny`` whose 512-stage SS-VAE output is centred (decoder bias
-    shifted by the median of one probe run, as in tests/test_pipeline_cli.py) so that it yields a surface."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        pipe = ImageTo3DPipeline.from_config("pipeline_tiny", seed=0)
-        medians = []
-
-        def hook(mod, inp, out):
-            medians.append(out.feats.median())
-            return out.replace(out.feats - medians[-1])
-
-        vae = pipe.models["ss_vae_512"]
-        handle = vae.decoder.out_layer.register_forward_hook(hook)
-        pipe(square_image(), generator=torch.Generator().manual_seed(0), progress=False)
-        handle.remove()
-        with torch.no_grad():
-            vae.decoder.out_layer.bias -= medians[0]
-        return pipe.save_pretrained(os.path.join(root, "tiny"))
-    finally:
-        torch.set_num_threads(n)
+from pipeline_helpers import make_tiny_weights, square_image
 
 
 @pytest.fixture(scope="module")
@@ -64,12 +27,7 @@ def generator(tiny_weights):
     return Generator.load(os.fspath(tiny_weights), device="cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny CPU runs: 1 thread is faster on a busy machine
 
 
 # ------------------------------------------------------------------------------------------------- uploads

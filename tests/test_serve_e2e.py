@@ -29,7 +29,7 @@ CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser")) 
 if CHROMIUM is None:
     pytest.skip("no Chromium binary (Debian: apt-get install chromium)", allow_module_level=True)
 
-from test_serve import make_tiny_weights, square_image  # noqa: E402
+from pipeline_helpers import make_tiny_weights, square_image  # noqa: E402
 
 from d3s2.serve.backend import bundled_weights  # noqa: E402
 

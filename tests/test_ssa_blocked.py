@@ -20,12 +20,7 @@ from test_ssa_layout import blob_coords, mesh_shell_coords
 TOL = {torch.float32: 2e-5, torch.float64: 1e-10}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine is shared; small ops are faster without a thread barrier
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny CPU runs: 1 thread is faster on a busy machine
 
 
 def rel(a, b):
