@@ -213,3 +213,12 @@ def test_sparse_conditioning_dit_gets_the_foreground_tokens():
     # 1 CLS + 4 registers + the 2 x 4 foreground patches of the 4 x 4 patch grid
     assert seen[0][1] == 5 + 8 and all(s[2] for s in seen)
     assert len(seen) == 2 * pipe.samplers["ss_dit_512"].steps  # conditional + unconditional call per step
+
+
+def test_sampler_config_defaults_and_overrides():
+    pipe = ImageTo3DPipeline.from_config("demo_pipeline", seed=0)
+    base = pipe.sampler_config("ss_dit_512")
+    assert (base.steps, base.cfg_scale, base.shift) == (25, 3.0, 3.0)  # demo_pipeline.yaml's sampler section
+    over = pipe.sampler_config("ss_dit_512", steps=4, cfg=1.5)
+    assert (over.steps, over.cfg_scale, over.shift) == (4, 1.5, 3.0)
+    assert pipe.sampler_config("ss_dit_1024").steps == 15  # no 1024 stage: the release's default

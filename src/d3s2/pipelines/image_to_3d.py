@@ -651,7 +651,10 @@ class ImageTo3DPipeline:
         stats.append(entry)
         return out
 
-    def _sampler(self, name: str, steps: int | None, cfg: float | None, shift: float | None):
+    def sampler_config(self, name: str, steps: int | None = None, cfg: float | None = None,
+                       shift: float | None = None):
+        """The sampler settings of stage ``name`` (``dense_dit``, ``ss_dit_512``, ``ss_dit_1024``): the pipeline's
+        config (else the release's 50 / 30 / 15 steps, CFG 7, shift 6 / 6 / 8), overridden where a value is given."""
         from d3s2.flow.sampler import SamplerConfig
 
         defaults = {"dense_dit": (50, 6.0), "ss_dit_512": (30, 6.0), "ss_dit_1024": (15, 8.0)}[name]
@@ -720,7 +723,7 @@ class ImageTo3DPipeline:
         b = cond["dense"].shape[0]
         r = dit_cfg.resolution
         noise = self._randn((b, dit_cfg.in_channels, r, r, r), generator)  # fp32 latent, cast inside the model
-        sc = self._sampler("dense_dit", steps, cfg, shift)
+        sc = self.sampler_config("dense_dit", steps, cfg, shift)
         with self._use("dense_dit") as (dit,):
             tokens = cond["dense"].to(self.dtype)
             with self._part("dit"):
@@ -750,7 +753,7 @@ class ImageTo3DPipeline:
         coords = coords.to(self.device, torch.int32)
         noise = self._randn((coords.shape[0], dit_cfg.in_channels), generator)  # fp32 latent
         x = SparseTensor(noise, coords, batch_size=b)
-        sc = self._sampler(dit_name, steps, cfg, shift)
+        sc = self.sampler_config(dit_name, steps, cfg, shift)
         if stage in cond:  # sparse conditioning (v1.0)
             sparse = cond[stage]
             tokens = sparse.tokens.to(self.dtype)

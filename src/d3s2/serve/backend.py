@@ -245,7 +245,7 @@ class Generator:
         out = {}
         for key, name in (("dense", "dense_dit"), ("512", "ss_dit_512"), ("1024", "ss_dit_1024")):
             if name in self.pipe.models:
-                s = self.pipe._sampler(name, None, None, None)
+                s = self.pipe.sampler_config(name)
                 out[key] = (int(s.steps), float(s.cfg_scale))
         return out
 
