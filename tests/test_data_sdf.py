@@ -292,3 +292,24 @@ def test_shell_closes_an_open_sheet():
 
 def test_default_sign_is_checked_pseudonormal():
     assert DEFAULT_SIGN == "auto"  # pseudo-normal with a winding-number check: test_data_sdf_pseudonormal.py
+
+
+def test_warp_closest_torch_needs_no_pseudo_normal_tables():
+    """Distances alone (the pipeline's 1024 band) use the mesh tensors, not the pseudo-normal tables, and agree with
+    libigl's unsigned distance."""
+    pytest.importorskip("warp")
+    import trimesh
+
+    import torch
+
+    from d3s2.data.backends import CpuQueries, WarpQueries
+
+    m = trimesh.creation.icosphere(subdivisions=2, radius=0.5)
+    p = np.random.default_rng(0).uniform(-0.8, 0.8, (500, 3))
+    q = WarpQueries(m.vertices, m.faces, device="cpu")
+    d, f = q.closest_torch(torch.from_numpy(p), upper_bound=0.2)
+    assert q._tables is None  # the vertex merge of the pseudo-normal tables was never built
+    ref = CpuQueries(m.vertices, m.faces).unsigned_distance(p)
+    near = ref < 0.19
+    assert near.sum() > 50 and np.allclose(d.numpy()[near], ref[near], atol=1e-9)
+    assert np.isinf(d.numpy()[ref > 0.21]).all() and (f.numpy()[near] >= 0).all()

@@ -182,19 +182,10 @@ def _band_queries(vertices: np.ndarray, faces: np.ndarray, device: torch.device)
         except ImportError:
             warp = None
         if warp is not None:
-            from types import SimpleNamespace
-
             from d3s2.data.backends import WarpQueries
 
             try:
-                q = WarpQueries(vertices, faces, device=str(device))
-                # closest_torch refines warp's float32 hit in float64 from the mesh tables; distances need only the
-                # vertices and faces, so the full pseudo-normal tables (a host-side vertex merge, ~1 s on a 1M-face
-                # mesh) are not built
-                if getattr(q, "_tables", None) is None:
-                    q._tables = SimpleNamespace(
-                        vertices=torch.as_tensor(vertices, dtype=torch.float64, device=device),
-                        faces=torch.as_tensor(faces, dtype=torch.int64, device=device))
+                q = WarpQueries(vertices, faces, device=str(device))  # distances only: no pseudo-normal tables
                 q.closest_torch(torch.zeros(1, 3, dtype=torch.float64, device=device), upper_bound=1.0)  # probe
                 return lambda p, ub: q.closest_torch(p, upper_bound=ub)[0], device
             except Exception as exc:  # noqa: BLE001 - a broken warp install must not stop the pipeline
