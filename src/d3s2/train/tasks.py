@@ -267,17 +267,20 @@ class DenseDiTTrainModule(nn.Module):
         return {"loss": out["loss"], "t_mean": out["t"].mean().detach()}
 
 
-class _ImageOccupancyDataset(torch.utils.data.Dataset):
-    """(occupancy of the prepared SDF at the batch resolution, one random view) per item; view from (seed, epoch, i)."""
+class ImageViewDataset(torch.utils.data.Dataset):
+    """Keys ``(item_index, resolution, epoch)`` -> one item's sparse geometry (``source``: SDF or latent) at that
+    resolution and a rendered view; the view is a function of (seed, epoch, index), reproducible in any worker. Shared
+    by the image-conditioned tasks (dense_dit, ss_dit). ``need_sdf``: keep only items that have sparse SDFs."""
 
-    def __init__(self, root: str, occ_res: int, seed: int) -> None:
+    def __init__(self, root: str, source: str, seed: int, task: str, need_sdf: bool = False) -> None:
         from d3s2.data.datasets import load_items
 
-        self.root, self.occ_res, self.seed = root, occ_res, seed
-        self.items = [it for it in load_items(root) if it.get("views") and it.get("sdf")]
+        self.root, self.source, self.seed, self.task = root, source, seed, task
+        self.items = [it for it in load_items(root) if it.get("views") and (it.get("sdf") or not need_sdf)]
         if not self.items:
-            raise D3S2Error(f"{root}: no item has both renders and sparse SDFs; run `d3s2 prepare` with --views")
-        self._views: dict[int, Any] = {}
+            what = "both renders and sparse SDFs" if need_sdf else "renders"
+            raise D3S2Error(f"{root}: no item has {what}; run `d3s2 prepare` with --views")
+        self._by_res: dict[int, Any] = {}
 
     def __len__(self) -> int:
         return len(self.items)
@@ -285,21 +288,40 @@ class _ImageOccupancyDataset(torch.utils.data.Dataset):
     def _dataset(self, resolution: int):
         from d3s2.data.datasets import ImageLatentDataset
 
-        if resolution not in self._views:
-            self._views[resolution] = ImageLatentDataset(self.root, resolution, source="sdf", seed=self.seed)
-        return self._views[resolution]
+        if resolution not in self._by_res:
+            ds = ImageLatentDataset(self.root, resolution, source=self.source, seed=self.seed)
+            self._by_res[resolution] = (ds, {it["item_id"]: j for j, it in enumerate(ds.items)})
+        return self._by_res[resolution]
 
     def __getitem__(self, key) -> dict:
         index, resolution, epoch = key
-        ds = self._dataset(int(resolution))
+        if resolution is None:
+            raise D3S2Error(f"task {self.task} needs a resolution per batch: set phases[].resolution or "
+                            "data.resolutions")
+        ds, rows = self._dataset(int(resolution))
         item_id = self.items[index]["item_id"]
-        j = next((k for k, it in enumerate(ds.items) if it["item_id"] == item_id), None)
+        j = rows.get(item_id)
         if j is None:
-            raise D3S2Error(f"item {item_id} has no sdf_{resolution}.npz; prepare that resolution or change phases")
-        ds.epoch = int(epoch)  # the view is a function of (seed, epoch, index): reproducible in any worker
+            what = f"latent_{resolution}.npz (run d3s2 encode-latents)" if self.source == "latent" else \
+                f"sdf_{resolution}.npz (prepare that resolution or change phases)"
+            raise D3S2Error(f"item {item_id} has no {what}")
+        ds.epoch = int(epoch)
         it = ds[j]
-        return {"occ": occupancy_from_coords(it["coords"], int(resolution), self.occ_res), "image": it["image"],
-                "mask": it["mask"], "item_id": item_id}
+        return {"coords": it["coords"], "feats": it["feats"], "image": it["image"], "mask": it["mask"],
+                "resolution": int(resolution), "item_id": item_id}
+
+
+class _ImageOccupancyDataset(ImageViewDataset):
+    """(occupancy of the prepared SDF at the batch resolution, one random view) per item."""
+
+    def __init__(self, root: str, occ_res: int, seed: int) -> None:
+        super().__init__(root, "sdf", seed, "dense_dit", need_sdf=True)
+        self.occ_res = occ_res
+
+    def __getitem__(self, key) -> dict:
+        it = super().__getitem__(key)
+        return {"occ": occupancy_from_coords(it["coords"], it["resolution"], self.occ_res), "image": it["image"],
+                "mask": it["mask"], "item_id": it["item_id"]}
 
 
 @register_task("dense_dit")

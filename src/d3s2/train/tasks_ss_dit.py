@@ -26,7 +26,7 @@ from torch import nn
 from d3s2.errors import D3S2Error
 from d3s2.train.config import TrainConfig
 from d3s2.train.image_encoders import ENCODER_TASK_ARGS, encoder_input, setup_image_encoder, trainable_encoder
-from d3s2.train.tasks import Task, model_config_from, register_task
+from d3s2.train.tasks import ImageViewDataset, Task, model_config_from, register_task
 
 __all__ = ["SSDiTTask", "SSDiTTrainModule", "load_frozen_ss_vae", "items_tau"]
 
@@ -57,47 +57,6 @@ def items_tau(items: list[dict], where: str) -> float:
     if len(taus) != 1 or 0.0 in taus:
         raise D3S2Error(f"{where}: items were prepared with different or missing tau {sorted(taus)}; set task_args.tau")
     return taus.pop()
-
-
-class _ImageSparseDataset(torch.utils.data.Dataset):
-    """Keys ``(item_index, resolution, epoch)`` -> one item's sparse geometry (SDF or latent) at that resolution and a
-    rendered view; the view is a function of (seed, epoch, index), reproducible in any worker."""
-
-    def __init__(self, root: str, source: str, seed: int) -> None:
-        from d3s2.data.datasets import load_items
-
-        self.root, self.source, self.seed = root, source, seed
-        self.items = [it for it in load_items(root) if it.get("views")]
-        if not self.items:
-            raise D3S2Error(f"{root}: no item has renders; run `d3s2 prepare` with --views")
-        self._by_res: dict[int, Any] = {}
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def _dataset(self, resolution: int):
-        from d3s2.data.datasets import ImageLatentDataset
-
-        if resolution not in self._by_res:
-            ds = ImageLatentDataset(self.root, resolution, source=self.source, seed=self.seed)
-            self._by_res[resolution] = (ds, {it["item_id"]: j for j, it in enumerate(ds.items)})
-        return self._by_res[resolution]
-
-    def __getitem__(self, key) -> dict:
-        index, resolution, epoch = key
-        if resolution is None:
-            raise D3S2Error("task ss_dit needs a resolution per batch: set phases[].resolution or data.resolutions")
-        ds, rows = self._dataset(int(resolution))
-        item_id = self.items[index]["item_id"]
-        j = rows.get(item_id)
-        if j is None:
-            what = f"latent_{resolution}.npz (run d3s2 encode-latents)" if self.source == "latent" else \
-                f"sdf_{resolution}.npz (prepare that resolution or change phases)"
-            raise D3S2Error(f"item {item_id} has no {what}")
-        ds.epoch = int(epoch)
-        it = ds[j]
-        return {"coords": it["coords"], "feats": it["feats"], "image": it["image"], "mask": it["mask"],
-                "resolution": int(resolution), "item_id": item_id}
 
 
 def _collate(items: list[dict], sdf: bool) -> dict:
@@ -199,7 +158,7 @@ class SSDiTTask(Task):
 
     def build_dataset(self, split: str = "train"):
         root = self.cfg.data.val_root if split == "val" and self.cfg.data.val_root else self.cfg.data.root
-        ds = _ImageSparseDataset(root, "sdf" if self.vae is not None else "latent", self.cfg.seed)
+        ds = ImageViewDataset(root, "sdf" if self.vae is not None else "latent", self.cfg.seed, "ss_dit")
         if self.vae is not None and self._tau is None:
             self._tau = items_tau(ds.items, root)
         return ds
