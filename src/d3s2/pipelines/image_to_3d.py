@@ -170,7 +170,6 @@ def latent_shell_coords(coords: np.ndarray | torch.Tensor, factor: int = 8, batc
 
 
 _LOW_VRAM_WORKSPACE = 10 << 30  # activations of the 1024 stage besides the weights (see bench/pipeline.py)
-_CHILDREN = [[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)]
 
 
 def _band_queries(vertices: np.ndarray, faces: np.ndarray, device: torch.device):
@@ -212,6 +211,8 @@ def latent_band_coords(vertices, faces, resolution: int, tau: float, factor: int
     ``sqrt(3)/2 h`` away) inside the band, so only the other candidate cells descend to single voxels. No dense grid."""
     import math
 
+    from d3s2.data.sdf import _CHILD, _top_level
+
     dev = torch.device(device)
     v = np.asarray(vertices, dtype=np.float64).reshape(-1, 3)
     f = np.asarray(faces, dtype=np.int64).reshape(-1, 3)
@@ -222,13 +223,11 @@ def latent_band_coords(vertices, faces, resolution: int, tau: float, factor: int
     latent_level = int(round(math.log2(factor)))
     if 1 << latent_level != factor:
         raise D3S2Error(f"latent factor must be a power of two, got {factor}")
-    top = latent_level
-    while (1 << (top + 1)) <= 32 and (resolution >> (top + 1)) >= 4:
-        top += 1
+    top = max(latent_level, _top_level(resolution))  # the octree's coarsest level, as in narrow_band
     n_top = -(-resolution // (1 << top))
     g = torch.arange(n_top, dtype=torch.int64, device=qdev)
     cells = torch.stack(torch.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3)
-    child = torch.tensor(_CHILDREN, dtype=torch.int64, device=qdev)
+    child = torch.from_numpy(_CHILD).to(qdev)
     done: list[torch.Tensor] = []
     for level in range(top, -1, -1):
         size = 1 << level
