@@ -257,7 +257,6 @@ class DenseDiTTrainModule(nn.Module):
     def forward(self, batch: dict, t: torch.Tensor | None = None, eps: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         from d3s2.flow.rectified import flow_matching_loss
-        from d3s2.train.image_encoders import encoder_input
 
         if self.encoder is not None:
             cond = self.encoder(encoder_input(batch["image"], batch["mask"], self.image_size))
