@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-# Without a bundled model (none is shipped yet: demo/README.md, training log) `make demo` says so and runs the
+# Without the bundled model (a checkout without src/d3s2/assets/demo) `make demo` says so and runs the
 # self-check (a real mesh through the data pipeline, sparse conv vs dense conv) instead.
 demo: venv
 	@if [ -f $(DEMO_MODEL) ]; then \

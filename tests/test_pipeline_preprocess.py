@@ -121,3 +121,41 @@ def test_unreadable_files(tmp_path):
     trunc.write_bytes(good.read_bytes()[:200])
     with pytest.raises(D3S2Error, match="corrupt|cannot decode|not an image"):
         preprocess_image(trunc)
+
+
+def test_training_framing_equals_pipeline_framing(tmp_path):
+    """The DiT tasks frame a prepared render (straight RGB + alpha, black where alpha is 0) exactly as the pipeline
+    frames the same RGBA file: a mismatch here silently trains the image encoder on another image distribution."""
+    from PIL import Image
+
+    from d3s2.data.datasets import load_rgba
+    from d3s2.train.image_encoders import encoder_input
+
+    rng = np.random.default_rng(3)
+    a = np.zeros((2, 96, 80, 4), np.uint8)
+    a[0, 10:40, 50:75, :3] = rng.integers(0, 256, (30, 25, 3))  # off-centre, not square
+    a[0, 10:40, 50:75, 3] = 255
+    a[0, 40, 60, 3] = 128  # soft edge
+    a[1, 60:62, 5:70, :3] = 40
+    a[1, 60:62, 5:70, 3] = 255
+    rgbs, masks, want = [], [], []
+    for i in range(2):
+        path = tmp_path / f"v{i}.png"
+        Image.fromarray(a[i]).save(path)
+        rgb, mask = load_rgba(path)
+        rgbs.append(rgb)
+        masks.append(mask)
+        want.append(preprocess_image(path, size=28))
+    got = encoder_input(torch.stack(rgbs), torch.stack(masks), 28)
+    assert got.shape == (2, 4, 28, 28)
+    torch.testing.assert_close(got, torch.stack(want), rtol=0, atol=1e-6)
+    # the framing did crop: the object fills the frame (minus the pad), whatever its place in the render
+    assert float(got[0, 3, 14, 14]) == 1.0 and float(got[0, 3].mean()) > 0.6
+    assert float(got[0, :3, 0, 0].min()) == 1.0  # white background
+
+
+def test_frame_object_empty_mask_is_white():
+    from d3s2.pipelines.preprocess import frame_object
+
+    out = frame_object(torch.zeros(4, 10, 12), 8)
+    assert out.shape == (4, 8, 8) and bool((out[:3] == 1).all()) and bool((out[3] == 0).all())

@@ -136,6 +136,17 @@ def _viewer_drawn(page, timeout=30.0) -> np.ndarray:
         time.sleep(0.5)
 
 
+def _upload_image(server, path: Path) -> Path:
+    """The image a user uploads: with the bundled demo model a render of a held-out mesh (a copy of a bundled example
+    under another name: the demo model knows shaded objects, not flat colour patches), else a flat rectangle."""
+    if server["bundled"]:
+        from importlib.resources import files
+
+        shutil.copy(sorted(Path(str(files("d3s2") / "assets" / "examples")).glob("*.png"))[0], path)
+        return path
+    return square_image(path, size=128)
+
+
 def _settings(page, server, faces):
     page.fill("#d3s2-faces input", str(faces))
     # keep the CPU runs short: few sampling steps (the demo model still gives a shape; the tiny one always does)
@@ -155,9 +166,9 @@ def test_upload_generate_view_and_download(server, browser, tmp_path):
         examples[0].click()
         page.wait_for_selector("#d3s2-preview img", timeout=20_000)
         assert "Image ready" in page.inner_text("#d3s2-status")
-    image = square_image(tmp_path / "my box.png", size=128)
+    image = _upload_image(server, tmp_path / "my shape.png")
     _upload(page, image)
-    page.wait_for_selector("#d3s2-status:has-text('Image ready (my box.png)')", timeout=20_000)
+    page.wait_for_selector("#d3s2-status:has-text('Image ready (my shape.png)')", timeout=20_000)
     assert page.query_selector("#d3s2-preview img") is not None
     # record every progress text the page shows while the job runs
     page.evaluate("""() => { window.__progress = new Set();
@@ -179,7 +190,7 @@ def test_upload_generate_view_and_download(server, browser, tmp_path):
     with page.expect_download(timeout=30_000) as dl:
         page.click("#d3s2-download")
     download = dl.value
-    assert download.suggested_filename == "my_box.obj"
+    assert download.suggested_filename == "my_shape.obj"
     saved = tmp_path / download.suggested_filename
     download.save_as(saved)
     mesh = trimesh.load(saved, force="mesh")
@@ -189,7 +200,7 @@ def test_upload_generate_view_and_download(server, browser, tmp_path):
     sessions = [p for p in server["out"].iterdir() if p.is_dir()]
     assert len(sessions) == 1
     files = sorted(p.name for p in sessions[0].glob("run-*/*"))
-    assert files == ["my_box.glb", "my_box.obj"]
+    assert files == ["my_shape.glb", "my_shape.obj"]
     _assert_no_server_paths(page, server)
     assert external == []
     seconds = time.time() - t0
@@ -240,7 +251,7 @@ def test_two_sessions_queue_and_keep_their_own_outputs(server, browser, tmp_path
     pages = []
     for name in ("alice", "bob"):
         ctx, page = _page(browser, server, external)
-        _upload(page, square_image(tmp_path / f"{name}.png", size=128))
+        _upload(page, _upload_image(server, tmp_path / f"{name}.png"))
         page.wait_for_selector(f"#d3s2-status:has-text('Image ready ({name}.png)')", timeout=20_000)
         _settings(page, server, faces=1000)
         pages.append((name, ctx, page))

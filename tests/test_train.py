@@ -484,3 +484,25 @@ def test_torchrun_fsdp2_resume_matches(prepared, vae_weights, tmp_path):
     assert la == [r["loss"] for r in a1 if r["kind"] == "train"] and len(la) == 4
     assert [r["loss"] for r in b0 if r["kind"] == "train"] == la
     assert a0[-1]["weights"] == a1[-1]["weights"] == b0[-1]["weights"]
+
+
+def test_ema_warmup_forgets_the_initial_weights():
+    """With warm-up, an EMA of decay 0.999 over 700 steps of fixed new weights keeps (almost) nothing of the start;
+    without it, 0.999^700 ~ 50 % of the random initial weights would remain (the demo's first SS-VAE bundle)."""
+    from d3s2.train.ema import EMA, warmup_decay
+
+    assert warmup_decay(0.999, 0) == pytest.approx(0.1) and warmup_decay(0.999, 10**6) == 0.999
+    m = torch.nn.Linear(3, 2)
+    for warm, bound in ((True, 0.05), (False, None)):
+        with torch.no_grad():
+            m.weight.fill_(0.0)
+        ema = EMA(m, 0.999, warmup=warm)
+        with torch.no_grad():
+            m.weight.fill_(1.0)
+        for step in range(1, 701):
+            ema.update(m, step)
+        left = 1.0 - float(ema.shadow["weight"].mean())  # share of the initial weights still in the average
+        if warm:
+            assert left < bound
+        else:
+            assert left == pytest.approx(0.999 ** 700, rel=1e-3)

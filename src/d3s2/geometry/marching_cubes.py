@@ -220,7 +220,8 @@ def sparse_marching_cubes(
 
     tri_table, _ = lorensen_tables(device)
     assert (CORNER_OFFSETS[[1, 2, 5, 6]] - CORNER_OFFSETS[[0, 3, 4, 7]] == [0, 0, 1]).all()
-    search_off = torch.from_numpy(CORNER_OFFSETS[[3, 4, 7]]).to(device) @ stride  # key offsets of corners 3, 4, 7
+    # Elementwise, not `@`: CUDA has no int64 matmul.
+    search_off = (torch.from_numpy(CORNER_OFFSETS[[3, 4, 7]]).to(device) * stride).sum(1)  # key offsets, corners 3, 4, 7
     bits = (2 ** torch.arange(8, device=device)).to(torch.int64)
     span = CORNER_OFFSETS[EDGE_CORNERS]  # [12, 2, 3]
     lo_first = span[:, 0].sum(1) < span[:, 1].sum(1)

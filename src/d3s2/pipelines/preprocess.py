@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from d3s2.errors import D3S2Error
 
-__all__ = ["load_image", "preprocess_image", "border_color_mask", "RELEASE_SIZE", "RELEASE_PAD"]
+__all__ = ["load_image", "preprocess_image", "frame_object", "border_color_mask", "RELEASE_SIZE", "RELEASE_PAD"]
 
 RELEASE_SIZE = 518
 RELEASE_PAD = 16
@@ -117,8 +117,6 @@ def preprocess_image(
     ``pad``: margin after the first resize (default 16 px at 518, scaled with ``size``). ``background_remover``:
     ``f(PIL RGB image) -> PIL RGBA / L image or [H, W] mask``, used when the image has no usable alpha."""
     name = source or (os.fspath(image) if isinstance(image, (str, os.PathLike)) else "image")
-    if pad is None:
-        pad = round(RELEASE_PAD * size / RELEASE_SIZE)
     img = load_image(image, max_input_size)
     arr = np.asarray(img, dtype=np.float32) / 255.0
     rgb = arr[..., :3]
@@ -133,23 +131,41 @@ def preprocess_image(
                           "(works on plain backgrounds only): pass an RGBA image or a background_remover",
                           stacklevel=2)
             mask = border_color_mask(rgb)
-    ys, xs = np.nonzero(mask > 0)
-    if len(ys) == 0:
+    if not (mask > 0).any():
         raise D3S2Error(f"{name}: the foreground mask is empty (alpha is 0 everywhere or no object found); "
                         "give an image with the object visible and a transparent or plain background")
-    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    rgb, mask = rgb[y0:y1, x0:x1], mask[y0:y1, x0:x1, None]
-    rgb = rgb * mask + (1.0 - mask)  # composite on white
-    x = torch.from_numpy(np.concatenate([rgb, mask], axis=-1)).permute(2, 0, 1).contiguous()  # [4, h, w]
+    x = torch.from_numpy(np.concatenate([rgb, mask[..., None]], axis=-1)).permute(2, 0, 1).contiguous()
+    return frame_object(x, size, pad)
+
+
+def frame_object(x: torch.Tensor, size: int, pad: int | None = None) -> torch.Tensor:
+    """Straight RGB + mask ``[4, H, W]`` in [0, 1] -> the encoder's ``[4, size, size]``: crop to the mask's bounding
+    box, composite on white, pad to a square, resize, pad ``pad`` px, resize again (module docstring).
+
+    The one framing of every conditioning image: :func:`preprocess_image` (inference) and the DiT training tasks
+    (:func:`d3s2.train.image_encoders.encoder_input`) both call it, so the encoder sees the same distribution in
+    training and at inference. A mask with no foreground gives an all-white image with an empty mask."""
+    if pad is None:
+        pad = round(RELEASE_PAD * size / RELEASE_SIZE)
+    x = x.float()
+    rgb, mask = x[:3], x[3:4]
+    rows, cols = torch.nonzero(mask[0].amax(1) > 0).flatten(), torch.nonzero(mask[0].amax(0) > 0).flatten()
+    if len(rows) == 0:
+        out = torch.zeros(4, size, size, device=x.device)
+        out[:3] = 1.0
+        return out
+    y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    rgb, mask = rgb[:, y0:y1, x0:x1], mask[:, y0:y1, x0:x1]
+    x = torch.cat([rgb * mask + (1.0 - mask), mask])  # composite on white
     h, w = x.shape[1:]
     side = max(h, w)
     top, left = (side - h) // 2, (side - w) // 2
-    sq = torch.zeros(4, side, side)
+    sq = torch.zeros(4, side, side, device=x.device)
     sq[:3] = 1.0
     sq[:, top:top + h, left:left + w] = x
     x = _resize(sq, size)
     if pad > 0:
-        padded = torch.zeros(4, size + 2 * pad, size + 2 * pad)
+        padded = torch.zeros(4, size + 2 * pad, size + 2 * pad, device=x.device)
         padded[:3] = 1.0
         padded[:, pad:pad + size, pad:pad + size] = x
         x = _resize(padded, size)

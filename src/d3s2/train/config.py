@@ -89,6 +89,7 @@ class PhaseConfig:
 class EMAConfig:
     decay: float = 0.0  # 0 disables EMA
     every: int = 1
+    warmup: bool = True  # decay min(decay, (1 + step) / (10 + step)): short runs' EMA forgets the random init
 
 
 @dataclass

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from d3s2.errors import D3S2Error
@@ -47,12 +46,14 @@ class EncoderChoice:
         return 1 + int(self.config.num_registers)
 
 
-def encoder_input(image: torch.Tensor, mask: torch.Tensor, size: int) -> torch.Tensor:
-    """RGB ``[B, 3, H, W]`` + mask ``[B, 1, H, W]`` -> ``[B, 4, size, size]`` for the image encoder."""
+def encoder_input(image: torch.Tensor, mask: torch.Tensor, size: int, pad: int | None = None) -> torch.Tensor:
+    """Straight RGB ``[B, 3, H, W]`` + mask ``[B, 1, H, W]`` (a prepared render) -> ``[B, 4, size, size]`` for the image
+    encoder, framed per image exactly as the pipeline frames its input (:func:`d3s2.pipelines.preprocess.frame_object`:
+    crop to the object, white background, ``pad`` margin): training and inference see the same images."""
+    from d3s2.pipelines.preprocess import frame_object
+
     x = torch.cat([image, mask], dim=1).float()
-    if x.shape[-1] != size or x.shape[-2] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return x
+    return torch.stack([frame_object(xi, size, pad) for xi in x])
 
 
 def trainable_encoder(config) -> nn.Module:

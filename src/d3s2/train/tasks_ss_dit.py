@@ -89,13 +89,13 @@ class SSDiTTrainModule(nn.Module):
     def condition(self, batch: dict) -> tuple[torch.Tensor, dict]:
         from d3s2.models.conditioning import sparse_condition
 
-        if self.encoder is not None:
-            tokens = self.encoder(encoder_input(batch["image"], batch["mask"], self.image_size))
-        else:
-            tokens = batch["cond_tokens"]
+        pixels = batch.get("pixels")  # framed by prepare_batch when the encoder is frozen
+        if pixels is None:
+            pixels = encoder_input(batch["image"], batch["mask"], self.image_size)
+        tokens = self.encoder(pixels) if self.encoder is not None else batch["cond_tokens"]
         if not self.sparse:
             return tokens, {}
-        c = sparse_condition(tokens, batch["mask"], self.num_prefix)
+        c = sparse_condition(tokens, pixels[:, 3], self.num_prefix)  # the framed mask, as in the pipeline
         return c.tokens, c.model_kwargs()
 
     def forward(self, batch: dict, t: torch.Tensor | None = None, eps: torch.Tensor | None = None,
@@ -190,8 +190,8 @@ class SSDiTTask(Task):
                                 "re-encode with the matching SS-VAE")
             batch["x0"] = x.replace(x.feats.float() * scale)
         if self.frozen_encoder is not None:
-            batch["cond_tokens"] = self.frozen_encoder(
-                encoder_input(batch["image"], batch["mask"], self.enc_cfg.image_size))
+            batch["pixels"] = encoder_input(batch["image"], batch["mask"], self.enc_cfg.image_size)
+            batch["cond_tokens"] = self.frozen_encoder(batch["pixels"])
         return batch
 
     def batch_stats(self, batch):

@@ -276,7 +276,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
         )
-        self.ema = EMA(self.raw, cfg.ema.decay) if cfg.ema.decay > 0 else None
+        self.ema = EMA(self.raw, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.decay > 0 else None
 
         self.dataset = self.task.build_dataset("train")
         self.val_dataset = None
@@ -344,7 +344,7 @@ class Trainer:
                     self.optimizer.zero_grad(set_to_none=True)
                     step += 1
                     if self.ema is not None and step % cfg.ema.every == 0:
-                        self.ema.update(self.raw)
+                        self.ema.update(self.raw, step)
                     stats = self.task.batch_stats(batch)
                     samples_acc += stats.get("samples", 0.0)  # this rank's; summed over ranks when logged
                     tokens_acc += stats.get("tokens", 0.0)
