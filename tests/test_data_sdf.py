@@ -313,3 +313,9 @@ def test_warp_closest_torch_needs_no_pseudo_normal_tables():
     near = ref < 0.19
     assert near.sum() > 50 and np.allclose(d.numpy()[near], ref[near], atol=1e-9)
     assert np.isinf(d.numpy()[ref > 0.21]).all() and (f.numpy()[near] >= 0).all()
+    # without winding-number tables (the pipeline's band): the same distances, and signs refuse clearly
+    q2 = WarpQueries(m.vertices, m.faces, device="cpu", winding=False)
+    d2, f2 = q2.closest_torch(torch.from_numpy(p), upper_bound=0.2)
+    assert torch.equal(d2, d) and torch.equal(f2, f)
+    with pytest.raises(D3S2Error, match="distances only"):
+        q2.inside(p)

@@ -164,7 +164,8 @@ def _warp_kernels():
 
 
 class WarpQueries:
-    """warp BVH queries (float32) on one mesh, on ``device`` ("cuda", "cuda:0", "cpu")."""
+    """warp BVH queries (float32) on one mesh, on ``device`` ("cuda", "cuda:0", "cpu"). ``winding=False``: distances
+    only (no winding-number tables: faster to build; :meth:`inside` then raises)."""
 
     def __init__(
         self,
@@ -173,6 +174,7 @@ class WarpQueries:
         device: str = "cuda",
         winding_accuracy: float = 2.0,
         transfer: str = "auto",
+        winding: bool = True,
     ):
         import warp as wp
 
@@ -194,8 +196,9 @@ class WarpQueries:
         self.mesh = wp.Mesh(
             points=wp.array(np.ascontiguousarray(vertices, dtype=np.float32), dtype=wp.vec3, device=device),
             indices=wp.array(np.ascontiguousarray(faces, dtype=np.int32).reshape(-1), dtype=wp.int32, device=device),
-            support_winding_number=True,
+            support_winding_number=winding,  # its per-node tables cost seconds on million-face meshes
         )
+        self.winding = bool(winding)
 
     def _run(self, kernel, points, args, out_dtype):
         wp = self._wp
@@ -311,6 +314,8 @@ class WarpQueries:
     def inside(self, points: np.ndarray, max_dist: float | None = None) -> np.ndarray:
         """Winding number > 1/2. warp computes the sign inside a closest-point query: ``max_dist`` (a bound on the
         points' distances, known to the band code) prunes that search; points it misses are asked again unbounded."""
+        if not self.winding:
+            raise D3S2Error("WarpQueries(winding=False) answers distances only; build it with winding=True for signs")
         md = 1.0e6 if max_dist is None else float(max_dist)
         res = self._run(self._kernels["inside"], points, (md, self.accuracy), self._wp.int32)
         missed = res < 0

@@ -184,7 +184,8 @@ def _band_queries(vertices: np.ndarray, faces: np.ndarray, device: torch.device)
             from d3s2.data.backends import WarpQueries
 
             try:
-                q = WarpQueries(vertices, faces, device=str(device))  # distances only: no pseudo-normal tables
+                # distances only: no pseudo-normal or winding-number tables
+                q = WarpQueries(vertices, faces, device=str(device), winding=False)
                 q.closest_torch(torch.zeros(1, 3, dtype=torch.float64, device=device), upper_bound=1.0)  # probe
                 return lambda p, ub: q.closest_torch(p, upper_bound=ub)[0], device
             except Exception as exc:  # noqa: BLE001 - a broken warp install must not stop the pipeline
@@ -199,7 +200,7 @@ def _band_queries(vertices: np.ndarray, faces: np.ndarray, device: torch.device)
 
 
 def latent_band_coords(vertices, faces, resolution: int, tau: float, factor: int = 8,
-                       device: str | torch.device = "cpu", batch: int = 0) -> torch.Tensor:
+                       device: str | torch.device = "cpu", batch: int = 0, queries=None) -> torch.Tensor:
     """Latent cells ``[M, 4]`` int32 (batch, x, y, z) = unique ``coords // factor`` of the voxels of a
     ``resolution^3`` grid over [-1, 1]^3 whose centre has unsigned distance ``< tau`` to the mesh: the 1024-stage token
     set of the release recipe (band of the 512 mesh, tau = 4/1024, // 8), equal to
@@ -208,7 +209,8 @@ def latent_band_coords(vertices, faces, resolution: int, tau: float, factor: int
     Octree over cells of ``2^L`` voxels as in :func:`d3s2.data.sdf.narrow_band` (a cell whose centre lies at
     ``d >= tau + r_L`` holds no band voxel), kept as torch tensors on the query device. Latent cells are decided
     early: at the latent level a cell whose centre has ``d < tau - sqrt(3)/2 h`` has a voxel centre (at most
-    ``sqrt(3)/2 h`` away) inside the band, so only the other candidate cells descend to single voxels. No dense grid."""
+    ``sqrt(3)/2 h`` away) inside the band, so only the other candidate cells descend to single voxels. No dense grid.
+    ``queries``: the ``_band_queries(vertices, faces, device)`` pair, when the caller built (and timed) it already."""
     import math
 
     from d3s2.data.sdf import _CHILD, _top_level
@@ -218,7 +220,7 @@ def latent_band_coords(vertices, faces, resolution: int, tau: float, factor: int
     f = np.asarray(faces, dtype=np.int64).reshape(-1, 3)
     if len(f) == 0:
         return torch.zeros(0, 4, dtype=torch.int32, device=dev)
-    distance, qdev = _band_queries(v, f, dev)
+    distance, qdev = queries if queries is not None else _band_queries(v, f, dev)
     h = 2.0 / resolution
     latent_level = int(round(math.log2(factor)))
     if 1 << latent_level != factor:
@@ -792,13 +794,17 @@ class ImageTo3DPipeline:
         (:func:`latent_band_coords`: GPU octree on CUDA with warp-lang, libigl on the CPU)."""
         factor = self.models["ss_vae_1024"].cfg.downsample_factor
         parts = []
-        with self._part("band"):
-            for i, mesh in enumerate(meshes):
+        for i, mesh in enumerate(meshes):
+            with self._part("band_bvh"):
+                queries = _band_queries(np.asarray(mesh.vertices, dtype=np.float64),
+                                        np.asarray(mesh.faces, dtype=np.int64), self.device)
+            with self._part("band"):
                 lat = latent_band_coords(mesh.vertices, mesh.faces, resolution, self.settings.band_voxels / resolution,
-                                         factor, device=self.device, batch=i)
-                if len(lat) == 0:
-                    raise D3S2Error(f"image {i}: the 512 mesh has no band voxels at {resolution}^3")
-                parts.append(lat)
+                                         factor, device=self.device, batch=i, queries=queries)
+            del queries
+            if len(lat) == 0:
+                raise D3S2Error(f"image {i}: the 512 mesh has no band voxels at {resolution}^3")
+            parts.append(lat)
         return torch.cat(parts)
 
     # ------------------------------------------------------------------ call
