@@ -313,6 +313,10 @@ def test_warp_closest_torch_needs_no_pseudo_normal_tables():
     near = ref < 0.19
     assert near.sum() > 50 and np.allclose(d.numpy()[near], ref[near], atol=1e-9)
     assert np.isinf(d.numpy()[ref > 0.21]).all() and (f.numpy()[near] >= 0).all()
+    # the winding-number tables are built by the first sign query only, and then agree with libigl
+    assert q._winding_mesh is None
+    cpu = CpuQueries(m.vertices, m.faces)
+    assert np.array_equal(q.inside(p), cpu.inside(p)) and q._winding_mesh is not None
     # without winding-number tables (the pipeline's band): the same distances, and signs refuse clearly
     q2 = WarpQueries(m.vertices, m.faces, device="cpu", winding=False)
     d2, f2 = q2.closest_torch(torch.from_numpy(p), upper_bound=0.2)

@@ -164,8 +164,9 @@ def _warp_kernels():
 
 
 class WarpQueries:
-    """warp BVH queries (float32) on one mesh, on ``device`` ("cuda", "cuda:0", "cpu"). ``winding=False``: distances
-    only (no winding-number tables: faster to build; :meth:`inside` then raises)."""
+    """warp BVH queries (float32) on one mesh, on ``device`` ("cuda", "cuda:0", "cpu"). The winding-number tables are
+    built on the first :meth:`inside` call (:meth:`winding_mesh`); ``winding=False``: distances only (:meth:`inside`
+    raises)."""
 
     def __init__(
         self,
@@ -193,15 +194,32 @@ class WarpQueries:
         self.F = np.ascontiguousarray(faces, dtype=np.int64).reshape(-1, 3)
         self._tables = None
         self._mesh_tensors = None
-        self.mesh = wp.Mesh(
-            points=wp.array(np.ascontiguousarray(vertices, dtype=np.float32), dtype=wp.vec3, device=device),
-            indices=wp.array(np.ascontiguousarray(faces, dtype=np.int32).reshape(-1), dtype=wp.int32, device=device),
-            support_winding_number=winding,  # its per-node tables cost seconds on million-face meshes
-        )
         self.winding = bool(winding)
+        self._winding_mesh = None
+        self.mesh = self._build_mesh(support_winding=False)
 
-    def _run(self, kernel, points, args, out_dtype):
+    def _build_mesh(self, support_winding: bool):
         wp = self._wp
+        return wp.Mesh(
+            points=wp.array(np.ascontiguousarray(self.V, dtype=np.float32), dtype=wp.vec3, device=self.device),
+            indices=wp.array(np.ascontiguousarray(self.F, dtype=np.int32).reshape(-1), dtype=wp.int32,
+                             device=self.device),
+            support_winding_number=support_winding,
+        )
+
+    def winding_mesh(self):
+        """The BVH with winding-number tables, built on the first sign query only: the tables cost seconds on
+        million-face meshes (12 s of the pipeline's 1024 band at 1.2 M faces) and distances never need them (the SDF
+        code signs with pseudo-normals and asks libigl for the few ambiguous points when it is installed)."""
+        if not self.winding:
+            raise D3S2Error("WarpQueries(winding=False) answers distances only; build it with winding=True for signs")
+        if self._winding_mesh is None:
+            self._winding_mesh = self._build_mesh(support_winding=True)
+        return self._winding_mesh
+
+    def _run(self, kernel, points, args, out_dtype, mesh=None):
+        wp = self._wp
+        mesh_id = (mesh or self.mesh).id
         points = np.ascontiguousarray(points, dtype=np.float32).reshape(-1, 3)
         n = len(points)
         np_dtype = np.float32 if out_dtype is float else np.int32
@@ -220,13 +238,13 @@ class WarpQueries:
                     torch.cuda.synchronize(dev)
                 p = wp.from_torch(pt, dtype=wp.vec3)
                 o = wp.from_torch(ot)
-                wp.launch(kernel, dim=len(pt), inputs=[self.mesh.id, p, *args, o], device=self.device)
+                wp.launch(kernel, dim=len(pt), inputs=[mesh_id, p, *args, o], device=self.device)
                 wp.synchronize_device(self.device)
                 res.append(ot.cpu().numpy())
             else:
                 p = wp.array(points[s : s + chunk], dtype=wp.vec3, device=self.device)
                 o = wp.empty(len(p), dtype=out_dtype, device=self.device)
-                wp.launch(kernel, dim=len(p), inputs=[self.mesh.id, p, *args, o], device=self.device)
+                wp.launch(kernel, dim=len(p), inputs=[mesh_id, p, *args, o], device=self.device)
                 res.append(o.numpy())
         return np.concatenate(res)
 
@@ -314,14 +332,13 @@ class WarpQueries:
     def inside(self, points: np.ndarray, max_dist: float | None = None) -> np.ndarray:
         """Winding number > 1/2. warp computes the sign inside a closest-point query: ``max_dist`` (a bound on the
         points' distances, known to the band code) prunes that search; points it misses are asked again unbounded."""
-        if not self.winding:
-            raise D3S2Error("WarpQueries(winding=False) answers distances only; build it with winding=True for signs")
+        mesh = self.winding_mesh()
         md = 1.0e6 if max_dist is None else float(max_dist)
-        res = self._run(self._kernels["inside"], points, (md, self.accuracy), self._wp.int32)
+        res = self._run(self._kernels["inside"], points, (md, self.accuracy), self._wp.int32, mesh)
         missed = res < 0
         if missed.any():
             res[missed] = self._run(
-                self._kernels["inside"], np.asarray(points)[missed], (1.0e6, self.accuracy), self._wp.int32
+                self._kernels["inside"], np.asarray(points)[missed], (1.0e6, self.accuracy), self._wp.int32, mesh
             )
         return res > 0
 
