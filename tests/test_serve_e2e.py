@@ -140,9 +140,9 @@ def _upload_image(server, path: Path) -> Path:
     """The image a user uploads: with the bundled demo model a render of a held-out mesh (a copy of a bundled example
     under another name: the demo model knows shaded objects, not flat colour patches), else a flat rectangle."""
     if server["bundled"]:
-        from importlib.resources import files
+        from d3s2.pipelines.bundled import example_images
 
-        shutil.copy(sorted(Path(str(files("d3s2") / "assets" / "examples")).glob("*.png"))[0], path)
+        shutil.copy(example_images()[0], path)
         return path
     return square_image(path, size=128)
 
