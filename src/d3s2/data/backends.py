@@ -165,8 +165,7 @@ def _warp_kernels():
 
 class WarpQueries:
     """warp BVH queries (float32) on one mesh, on ``device`` ("cuda", "cuda:0", "cpu"). The winding-number tables are
-    built on the first :meth:`inside` call (:meth:`winding_mesh`); ``winding=False``: distances only (:meth:`inside`
-    raises)."""
+    built on the first :meth:`inside` call (:meth:`winding_mesh`)."""
 
     def __init__(
         self,
@@ -175,7 +174,6 @@ class WarpQueries:
         device: str = "cuda",
         winding_accuracy: float = 2.0,
         transfer: str = "auto",
-        winding: bool = True,
     ):
         import warp as wp
 
@@ -194,7 +192,6 @@ class WarpQueries:
         self.F = np.ascontiguousarray(faces, dtype=np.int64).reshape(-1, 3)
         self._tables = None
         self._mesh_tensors = None
-        self.winding = bool(winding)
         self._winding_mesh = None
         self.mesh = self._build_mesh(support_winding=False)
 
@@ -211,8 +208,6 @@ class WarpQueries:
         """The BVH with winding-number tables, built on the first sign query only: the tables cost seconds on
         million-face meshes (12 s of the pipeline's 1024 band at 1.2 M faces) and distances never need them (the SDF
         code signs with pseudo-normals and asks libigl for the few ambiguous points when it is installed)."""
-        if not self.winding:
-            raise D3S2Error("WarpQueries(winding=False) answers distances only; build it with winding=True for signs")
         if self._winding_mesh is None:
             self._winding_mesh = self._build_mesh(support_winding=True)
         return self._winding_mesh

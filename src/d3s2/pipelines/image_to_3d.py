@@ -184,8 +184,8 @@ def _band_queries(vertices: np.ndarray, faces: np.ndarray, device: torch.device)
             from d3s2.data.backends import WarpQueries
 
             try:
-                # distances only: no pseudo-normal or winding-number tables
-                q = WarpQueries(vertices, faces, device=str(device), winding=False)
+                # distances only: neither the pseudo-normal nor the (lazy) winding-number tables are built
+                q = WarpQueries(vertices, faces, device=str(device))
                 q.closest_torch(torch.zeros(1, 3, dtype=torch.float64, device=device), upper_bound=1.0)  # probe
                 return lambda p, ub: q.closest_torch(p, upper_bound=ub)[0], device
             except Exception as exc:  # noqa: BLE001 - a broken warp install must not stop the pipeline
