@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from d3s2.nn.attention import MultiHeadSelfAttention
-from d3s2.nn.blocks import FeedForward, ModulatedTransformerCrossBlock, pad_rows, unpad_rows
+from d3s2.nn.blocks import FeedForward, ModulatedTransformerCrossBlock, RaggedRows, pad_rows, unpad_rows
 
 
 class RaggedTokens:
@@ -128,6 +128,30 @@ def test_pad_unpad_roundtrip():
     assert padded.shape == (3, 4, 2) and mask.sum(1).tolist() == [3, 0, 4]
     assert torch.equal(padded[2, :4], feats[3:7]) and torch.all(padded[1] == 0)
     assert torch.equal(unpad_rows(padded, mask), feats)
+
+
+@pytest.mark.parametrize("offsets", [[0, 3, 3, 7], [0, 4, 8], [0, 5]])
+def test_ragged_rows_match_pad_rows(offsets):
+    """RaggedRows (sizes read once, no per-call host sync) pads and unpads like pad_rows / unpad_rows, ragged or not."""
+    off = torch.tensor(offsets)
+    feats = torch.randn(offsets[-1], 3)
+    rows = RaggedRows(off)
+    padded, mask = rows.pad(feats)
+    ref_padded, ref_mask = pad_rows(feats, off)
+    assert torch.equal(padded, ref_padded)
+    assert rows.uniform == (mask is None) and (mask is None or torch.equal(mask, ref_mask))
+    assert torch.equal(rows.unpad(padded * 2), unpad_rows(ref_padded * 2, ref_mask))
+
+
+def test_block_with_ragged_rows_equals_offsets():
+    b = _block()
+    feats, t, ctx = torch.randn(10, 32), torch.randn(2, 32), torch.randn(2, 6, 12)
+    rb = _block(self_attn=RowsAttention(b.self_attn))
+    rb.load_state_dict(b.state_dict(), strict=False)
+    offsets = torch.tensor([0, 3, 10])
+    ref = rb(feats, t, ctx, batch_offsets=offsets, attn_kwargs={"layout": offsets})
+    out = rb(feats, t, ctx, batch_offsets=RaggedRows(offsets), attn_kwargs={"layout": offsets})
+    assert torch.allclose(out, ref, atol=1e-6)
 
 
 def test_gradient_checkpointing_same_gradients():

@@ -68,11 +68,15 @@ def test_compression_attention(dtype, h, hkv, d, fused, monkeypatch):
         assert rel(a, b) < TOL[dtype]
 
 
-@pytest.mark.parametrize("m_cmp,top_k", [(2, 3), (4, 40)])
-def test_score_topk_picks_the_best_blocks(m_cmp, top_k):
-    """Fused Eq. 8 + top-k: the chosen blocks carry the reference's best score mass; counts, uniqueness, padding."""
+@pytest.mark.parametrize("m_cmp,top_k,block_s", [(2, 3, 64), (4, 40, 64), (2, 3, 4), (2, 5, 8)])
+def test_score_topk_picks_the_best_blocks(m_cmp, top_k, block_s, monkeypatch):
+    """Fused Eq. 8 + top-k: the chosen blocks carry the reference's best score mass; counts, uniqueness, padding.
+    A small ``block_s`` makes the kernel merge many chunks into its running top-k (the data-dependent merge rounds)."""
+    from d3s2.ops.ssa.kernels import scoring
     from d3s2.ops.ssa.kernels.compression import compression_attention_triton
     from d3s2.ops.ssa.kernels.scoring import score_topk_triton
+
+    monkeypatch.setitem(scoring.TUNING, "block_s", block_s)
 
     lay = make_layout(m_cmp=m_cmp, m_slc=4)
     q, k, _, kc, vc, _ = tensors(lay, 4, 2, 16, torch.float32, seed=3)

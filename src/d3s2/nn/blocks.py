@@ -32,7 +32,8 @@ from torch.utils.checkpoint import checkpoint
 from d3s2.nn.attention import MultiHeadCrossAttention, MultiHeadSelfAttention
 from d3s2.nn.norms import LayerNorm32
 
-__all__ = ["FeedForward", "ModulatedTransformerCrossBlock", "init_dit_weights", "modulate", "pad_rows", "unpad_rows", "rows_batch_index"]
+__all__ = ["FeedForward", "ModulatedTransformerCrossBlock", "RaggedRows", "init_dit_weights", "modulate", "pad_rows",
+           "unpad_rows", "ragged_rows_of", "rows_batch_index"]
 
 
 class FeedForward(nn.Module):
@@ -59,6 +60,54 @@ def rows_batch_index(batch_offsets: torch.Tensor) -> torch.Tensor:
 
 def _counts(batch_offsets: torch.Tensor) -> list[int]:
     return (batch_offsets[1:] - batch_offsets[:-1]).tolist()
+
+
+class RaggedRows:
+    """Row segments of a batch (``offsets`` [B+1] on the device, ``counts`` as Python ints) with the pad/unpad index
+    built once. Made once per token set (cached on the SSA layout or the sparse tensor), so that no block forward
+    reads sizes back from the GPU: a host sync per block would stall the launch queue (every block waits for the
+    previous one to finish) and would make the forward impossible to capture in a CUDA graph."""
+
+    def __init__(self, offsets: torch.Tensor, counts: list[int] | None = None) -> None:
+        self.offsets = offsets
+        self.counts = _counts(offsets) if counts is None else list(counts)
+        self.n_max = max(self.counts, default=0)
+        self.uniform = len(set(self.counts)) <= 1  # e.g. the two halves of a classifier-free-guidance batch
+        self._index: torch.Tensor | None = None
+        self._mask: torch.Tensor | None = None
+
+    def _build(self, device) -> None:
+        b = len(self.counts)
+        counts = torch.tensor(self.counts, device=device)
+        mask = torch.arange(self.n_max, device=device)[None, :] < counts[:, None]
+        self._mask = mask
+        self._index = torch.nonzero(mask.reshape(-1)).squeeze(1)  # padded slot of every row, in row order
+        assert self._index.numel() == sum(self.counts) and b == mask.shape[0]
+
+    def pad(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``[N_total, C]`` -> ``[B, N_max, C]`` (zeros in padding) and the ``[B, N_max]`` mask (None if uniform)."""
+        b, c = len(self.counts), feats.shape[1]
+        if self.uniform:
+            return feats.view(b, self.n_max, c), None
+        if self._index is None or self._index.device != feats.device:
+            self._build(feats.device)
+        padded = feats.new_zeros(b * self.n_max, c).index_copy(0, self._index, feats)
+        return padded.view(b, self.n_max, c), self._mask
+
+    def unpad(self, padded: torch.Tensor) -> torch.Tensor:
+        flat = padded.reshape(-1, padded.shape[-1])
+        return flat if self.uniform else flat.index_select(0, self._index)
+
+
+def ragged_rows_of(x: Any) -> RaggedRows:
+    """The :class:`RaggedRows` of a sparse tensor, memoised in its coordinate cache (shared by ``x.replace``); built
+    afresh for sparse-like objects without one (anything with ``feats``, ``batch_offsets`` and ``replace``)."""
+    cache = getattr(x, "_cache", None)
+    if cache is None:
+        return RaggedRows(x.batch_offsets)
+    if "ragged_rows" not in cache:
+        cache["ragged_rows"] = RaggedRows(x.batch_offsets)
+    return cache["ragged_rows"]
 
 
 def pad_rows(feats: torch.Tensor, batch_offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,12 +184,12 @@ class ModulatedTransformerCrossBlock(nn.Module):
         t_emb: torch.Tensor,
         context: torch.Tensor,
         context_mask: torch.Tensor | None = None,
-        batch_offsets: torch.Tensor | None = None,
+        batch_offsets: "torch.Tensor | RaggedRows | None" = None,
         attn_kwargs: dict[str, Any] | None = None,
     ):
         """``x``: ``[B, N, C]``, ``[N_total, C]`` with ``batch_offsets``, or sparse tensor-like; ``t_emb``: ``[B, C]``;
         ``context``: ``[B, L, C_ctx]`` (``context_mask`` ``[B, L]`` bool for ragged conditions); ``attn_kwargs`` go to
-        ``self_attn``."""
+        ``self_attn``. ``batch_offsets`` may be a :class:`RaggedRows` (no host sync inside the block)."""
         args = (x, t_emb, context, context_mask, batch_offsets, attn_kwargs or {})
         if self.use_checkpoint and self.training and torch.is_grad_enabled():
             return checkpoint(self._forward, *args, use_reentrant=False)
@@ -149,11 +198,12 @@ class ModulatedTransformerCrossBlock(nn.Module):
     def _forward(self, x, t_emb, context, context_mask, batch_offsets, attn_kwargs):
         mods = self.adaLN_modulation(t_emb).chunk(6, dim=1)
         if _is_sparse(x):
-            feats = self._forward_rows(x.feats, x.batch_offsets, mods, context, context_mask,
+            feats = self._forward_rows(x.feats, ragged_rows_of(x), mods, context, context_mask,
                                        lambda h: self.self_attn(x.replace(h), **attn_kwargs))
             return x.replace(feats)
         if batch_offsets is not None:
-            return self._forward_rows(x, batch_offsets, mods, context, context_mask,
+            rows = batch_offsets if isinstance(batch_offsets, RaggedRows) else RaggedRows(batch_offsets)
+            return self._forward_rows(x, rows, mods, context, context_mask,
                                       lambda h: self.self_attn(h, **attn_kwargs))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (m.unsqueeze(1) for m in mods)
         h = modulate(self.norm1(x), shift_msa, scale_msa)
@@ -162,17 +212,17 @@ class ModulatedTransformerCrossBlock(nn.Module):
         h = modulate(self.norm3(x), shift_mlp, scale_mlp)
         return x + gate_mlp * self.mlp(h)
 
-    def _forward_rows(self, feats, batch_offsets, mods, context, context_mask, attend):
+    def _forward_rows(self, feats, rows: RaggedRows, mods, context, context_mask, attend):
         if feats.shape[0] == 0:
             return feats
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
-        counts = _counts(batch_offsets)
+        counts = rows.counts
         h = _segmentwise(self.norm1(feats), counts, lambda p, b: modulate(p, shift_msa[b], scale_msa[b]))
         attn = attend(h)
         attn = attn.feats if _is_sparse(attn) else attn
         feats = feats + _segmentwise(attn, counts, lambda p, b: p * gate_msa[b])
-        padded, mask = pad_rows(self.norm2(feats), batch_offsets)
-        feats = feats + unpad_rows(self.cross_attn(padded, context, context_mask), mask)
+        padded, _ = rows.pad(self.norm2(feats))
+        feats = feats + rows.unpad(self.cross_attn(padded, context, context_mask))
         h = _segmentwise(self.norm3(feats), counts, lambda p, b: modulate(p, shift_mlp[b], scale_mlp[b]))
         return feats + _segmentwise(self.mlp(h), counts, lambda p, b: p * gate_mlp[b])
 

@@ -81,6 +81,9 @@ class PipelineSettings:
     # sparse stages: conditional + unconditional branch in one batched model call (None: on CUDA, where the SSA
     # kernels are launch-bound at the 512 stage's token counts; two calls on the CPU, where batching gains nothing)
     batch_cfg: bool | None = None
+    # sparse stages with batched guidance: replay each step's model call from a CUDA graph (None: on CUDA). The token
+    # set is fixed within a stage, so the graph is captured once per stage; launch overhead dominates at 512^3.
+    cuda_graphs: bool | None = None
 
 
 @dataclass
@@ -305,7 +308,8 @@ class _GuidedSparse:
     one coordinate cache, so the SSA layout is built once for all steps."""
 
     def __init__(self, model: Callable, x, cond: torch.Tensor, uncond: torch.Tensor, scale: float,
-                 kwargs: dict) -> None:
+                 kwargs: dict, cuda_graphs: bool = False) -> None:
+        from d3s2.pipelines.cuda_graph import GraphedCall
         from d3s2.sparse import SparseTensor
 
         b = int(x.batch_size)
@@ -316,11 +320,15 @@ class _GuidedSparse:
                                resolution=x.resolution, stride=x.stride)
         self.cond2 = torch.cat([cond, uncond])
         self.kwargs = {k: (torch.cat([v, v]) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+        self.call = GraphedCall(self._run, enabled=cuda_graphs)
+
+    def _run(self, feats2: torch.Tensor, t2: torch.Tensor) -> torch.Tensor:
+        out = self.model(self.x2.replace(feats2), t2, self.cond2, **self.kwargs)
+        return out.feats if hasattr(out, "feats") else out
 
     def __call__(self, x, t, cond, **kwargs):
         f = x.feats
-        out = self.model(self.x2.replace(torch.cat([f, f])), torch.cat([t, t]), self.cond2, **self.kwargs)
-        v = (out.feats if hasattr(out, "feats") else out).float()
+        v = self.call(torch.cat([f, f]), torch.cat([t, t])).float()
         v_c, v_u = v[: self.n], v[self.n:]
         return x.replace(v_u + self.scale * (v_c - v_u))
 
@@ -668,7 +676,10 @@ class ImageTo3DPipeline:
         if batch_cfg is None:
             batch_cfg = self.device.type == "cuda"
         if guided and is_sparse(noise) and batch_cfg:
-            model = _GuidedSparse(model, noise, cond, uncond, cfg.cfg_scale, kwargs)
+            graphs = self.settings.cuda_graphs
+            if graphs is None:
+                graphs = self.device.type == "cuda"
+            model = _GuidedSparse(model, noise, cond, uncond, cfg.cfg_scale, kwargs, cuda_graphs=graphs)
             bar = _Bar(model, cfg.steps, desc, progress)
             try:
                 return sample_euler(bar, noise, cond, None, steps=cfg.steps, cfg_scale=1.0, shift=cfg.shift,

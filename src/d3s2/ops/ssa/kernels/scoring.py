@@ -8,7 +8,8 @@ written to memory.
 
 Candidates are packed into int64 keys ``(float_bits(score) << 32) | block`` (scores are >= 0, so the float bit pattern
 orders like the value; keys are unique), so a max reduction carries the block index with the score. Each chunk of
-``BLOCK_S`` selection blocks is merged into the running top-k by ``K_PAD`` rounds of max/min reductions. The compression blocks of selection block ``s`` are ``slc_cmp_start[s] + r`` for
+``BLOCK_S`` selection blocks is merged into the running top-k by rounds of max/min reductions, as many as the chunk
+has candidates above the running k-th best (at most ``K_PAD``; most chunks need few once the top-k has settled). The compression blocks of selection block ``s`` are ``slc_cmp_start[s] + r`` for
 ``r < slc_cmp_count[s]`` (contiguous by the layout's sub-block order); the kernel loops over the slot ``r``.
 """
 
@@ -59,7 +60,9 @@ def score_topk_kernel(
         cstart = tl.load(SLC_CMP_START + sb, mask=smask, other=0)
         ccount = tl.load(SLC_CMP_COUNT + sb, mask=smask, other=0)
         acc = tl.zeros([BLOCK_T, BLOCK_S], tl.float32)
-        for slot in range(0, R):
+        # slots past the fullest selection block of the chunk hold no compression block: skip them (on mesh shells
+        # an 8^3 block holds ~4.5 of its 8 4^3 sub-blocks)
+        for slot in range(0, tl.minimum(tl.max(ccount, axis=0), R)):
             cvalid = slot < ccount
             cidx = (cstart + slot).to(tl.int64)
             kc = tl.load(KC + cidx[:, None] * sk_n + kvh * sk_h + d[None, :], mask=cvalid[:, None], other=0.0)
@@ -69,9 +72,14 @@ def score_topk_kernel(
         valid = (sb[None, :] >= lo[:, None]) & (sb[None, :] < hi[:, None])
         bits = acc.to(tl.int32, bitcast=True).to(tl.int64)
         key = tl.where(valid, (bits << 32) | sb[None, :].to(tl.int64), NONE)
-        # merge: K_PAD rounds of "best candidate replaces the worst kept one if better" (max/min reductions only;
-        # tl.sort is avoided: it is slow under the interpreter and not needed for a k of 8..32)
-        for _i in tl.static_range(K_PAD):
+        # merge: rounds of "best candidate replaces the worst kept one if better" (max/min reductions only;
+        # tl.sort is avoided: it is slow under the interpreter and not needed for a k of 8..32). Only candidates
+        # above a row's current k-th best can ever enter (that bound only rises), so the tile needs
+        # min(K_PAD, most such candidates of any row) rounds: K_PAD for the first chunk, few once the top-k settles.
+        tmin0 = tl.min(top, axis=1)
+        n_new = tl.sum((key > tmin0[:, None]).to(tl.int32), axis=1)
+        rounds = tl.minimum(tl.max(n_new, axis=0), K_PAD)
+        for _i in range(0, rounds):
             c = tl.max(key, axis=1)
             tmin = tl.min(top, axis=1)
             take = c > tmin
