@@ -19,6 +19,8 @@ the input tensor stride in its finest-grid units; in our per-level units that is
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 import torch
@@ -32,10 +34,16 @@ _CHUNK_ELEMENTS = 1 << 24
 
 
 def kernel_offsets(kernel_size: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """Kernel offsets ``[k^3, 3]`` (int64) in torchsparse's order (see the module docstring)."""
+    """Kernel offsets ``[k^3, 3]`` (int64) in torchsparse's order (see the module docstring). Read-only: the tensor
+    is cached per (size, device), so that a forward pass makes no host-to-device copy (CUDA-graph capturable)."""
     k = int(kernel_size)
     if k < 1:
         raise D3S2Error(f"kernel_size must be >= 1, got {kernel_size}")
+    return _kernel_offsets(k, str(torch.device(device)) if device is not None else "cpu")
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_offsets(k: int, device: str) -> torch.Tensor:
     r = list(range((-k) // 2 + 1, k // 2 + 1))
     if (k**3) % 2 == 1:
         offs = [(x, y, z) for z in r for y in r for x in r]
