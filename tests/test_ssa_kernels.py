@@ -103,9 +103,14 @@ def test_score_topk_picks_the_best_blocks(m_cmp, top_k, block_s, monkeypatch):
     assert bool((sc[..., :-1] >= sc[..., 1:]).all())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_selection_attention_and_empty_rows(dtype):
+@pytest.mark.parametrize("dtype,fwd_tokens", [(torch.float32, 1), (torch.float16, 1), (torch.float32, 8),
+                                              (torch.float16, 8), (torch.float32, 3)])
+def test_selection_attention_and_empty_rows(dtype, fwd_tokens, monkeypatch):
+    """fwd_tokens > 1: the grouped forward (union of neighbouring tokens' blocks; 3 is rounded up to 4)."""
+    from d3s2.ops.ssa.kernels import selection
     from d3s2.ops.ssa.kernels.selection import selection_attention_triton
+
+    monkeypatch.setitem(selection.TUNING, "fwd_tokens", fwd_tokens)
 
     lay = make_layout()
     q, k, v, kc, _, do = tensors(lay, 4, 2, 16, dtype, seed=1)

@@ -2,7 +2,9 @@
 
 Forward and dQ: one program per (query token, KV head) holds the GQA group's ``G`` query heads as the rows of its tile
 (``[G_PAD, D]``, Algorithm 1 step 1) and streams the tokens of its top-k selection blocks, whose start offsets ``C``
-come from the layout (tokens are sorted by block, so each block is one contiguous run).
+come from the layout (tokens are sorted by block, so each block is one contiguous run). The default forward groups
+``TUNING["fwd_tokens"]`` neighbouring tokens per program and streams the union of their blocks once
+(:func:`selection_fwd_grouped_kernel`); ``fwd_tokens=1`` is the one-token kernel.
 
 dK/dV: one program per (selection block, KV head) walks an inverted index -- the (query) list that selected this
 block for this KV head, built with a stable sort, so every sum has one fixed order and there are no atomics on dK/dV.
@@ -63,6 +65,78 @@ def selection_fwd_kernel(
     lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) / 1.4426950408889634, float("-inf"))
     tl.store(O + t * so_n + head[:, None] * so_h + d[None, :], o.to(O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + t * H + head, lse, mask=row_ok)
+
+
+@triton.jit
+def selection_fwd_grouped_kernel(
+    Q, K, V, IDX, SLC_OFF, O, LSE,
+    n_q, H, HKV, sq_n, sq_h, sk_n, sk_h, so_n, so_h,
+    scale_log2,
+    TOPK: tl.constexpr, E_PAD: tl.constexpr, T: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
+):
+    """Forward of ``T`` consecutive query tokens x the group's heads per program (``T * G_PAD`` tile rows).
+
+    Neighbouring tokens (same 8^3 block in the layout order) mostly select the same blocks, so the program streams
+    the *union* of its tokens' selections once, each block's K/V tile loaded once for all ``T`` tokens; a row only
+    sees the blocks its own token selected (the other rows are masked to -inf for that block). Same keys per row as
+    :func:`selection_fwd_kernel`, visited in another order (online softmax: equal up to rounding)."""
+    pid = tl.program_id(0)
+    kvh = tl.program_id(1)
+    M: tl.constexpr = T * G_PAD
+    K_PAD: tl.constexpr = E_PAD // T
+    r = tl.arange(0, M)
+    tok = pid * T + r // G_PAD
+    hh = r % G_PAD
+    row_ok = (tok < n_q) & (hh < G)
+    tok64 = tok.to(tl.int64)
+    head = kvh * G + hh
+    d = tl.arange(0, D)
+    q = tl.load(Q + tok64[:, None] * sq_n + head[:, None] * sq_h + d[None, :], mask=row_ok[:, None], other=0.0)
+    # each row's own selection list [M, K_PAD] (the rows of one token read the same list; cached loads)
+    jj = tl.arange(0, K_PAD)
+    row_idx = tl.load(IDX + (tok64[:, None] * HKV + kvh) * TOPK + jj[None, :],
+                      mask=(tok < n_q)[:, None] & (jj[None, :] < TOPK), other=-1)
+    # the union: entry e = (token e // K_PAD, slot e % K_PAD) is visited if no earlier entry names its block
+    e = tl.arange(0, E_PAD)
+    e_tok = pid * T + e // K_PAD
+    e_slot = e % K_PAD
+    e_ok = (e_tok < n_q) & (e_slot < TOPK)
+    e_blk = tl.load(IDX + (e_tok.to(tl.int64) * HKV + kvh) * TOPK + e_slot, mask=e_ok, other=-1)
+    dup = (e_blk[:, None] == e_blk[None, :]) & (e[None, :] < e[:, None])
+    first = (tl.sum(dup.to(tl.int32), axis=1) == 0) & (e_blk >= 0)
+    m_i = tl.full([M], float("-inf"), tl.float32)
+    l_i = tl.zeros([M], tl.float32)
+    acc = tl.zeros([M, D], tl.float32)
+    for i in range(E_PAD):
+        pick = e == i
+        b = tl.sum(tl.where(pick, e_blk, 0), axis=0)
+        visit = tl.sum(tl.where(pick, first.to(tl.int32), 0), axis=0) > 0
+        bs = tl.load(SLC_OFF + tl.maximum(b, 0)).to(tl.int32)
+        be = tl.load(SLC_OFF + tl.maximum(b, 0) + 1).to(tl.int32)
+        be = tl.where(visit, be, bs)
+        mine = tl.sum((row_idx == b).to(tl.int32), axis=1) > 0  # rows whose token selected b
+        for n0 in range(bs, be, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            cmask = cols < be
+            cols64 = cols.to(tl.int64)
+            k = tl.load(K + cols64[:, None] * sk_n + kvh * sk_h + d[None, :], mask=cmask[:, None], other=0.0)
+            v = tl.load(V + cols64[:, None] * sk_n + kvh * sk_h + d[None, :], mask=cmask[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+            s = tl.where(mine[:, None] & cmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: keep exp2 finite
+            p = tl.exp2(s - m_use[:, None])
+            alpha = tl.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+            m_i = m_new
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) / 1.4426950408889634, float("-inf"))
+    tl.store(O + tok64[:, None] * so_n + head[:, None] * so_h + d[None, :], o.to(O.dtype.element_ty),
+             mask=row_ok[:, None])
+    tl.store(LSE + tok64 * H + head, lse, mask=row_ok)
 
 
 @triton.jit
@@ -175,7 +249,7 @@ def invert_block_index(block_idx: torch.Tensor, num_slc: int) -> tuple[torch.Ten
     return list_off, list_tok
 
 
-TUNING = {"fwd_block_n": 64, "fwd_warps": 4, "dq_warps": 4, "kv_rows": 128, "kv_block_n": 64, "kv_warps": 4,
+TUNING = {"fwd_tokens": 8, "fwd_block_n": 64, "fwd_warps": 4, "dq_warps": 4, "kv_rows": 128, "kv_block_n": 64, "kv_warps": 4,
           "max_split": 8, "split_budget_bytes": 512 << 20}
 
 
@@ -196,11 +270,21 @@ class SelectionAttention(torch.autograd.Function):
         o = torch.empty_like(q)
         lse = torch.empty(n, h, dtype=torch.float32, device=q.device)
         topk = block_idx.shape[-1]
-        selection_fwd_kernel[(n, hkv)](
-            q, k, v, block_idx, layout.slc_offsets, o, lse, h, hkv, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-            o.stride(0), o.stride(1), scale * LOG2E, TOPK=topk, G=g, G_PAD=g_pad, BLOCK_N=TUNING["fwd_block_n"], D=d,
-            PREC=_prec(q), num_warps=TUNING["fwd_warps"],
-        )
+        t = TUNING["fwd_tokens"]
+        if t <= 1:
+            selection_fwd_kernel[(n, hkv)](
+                q, k, v, block_idx, layout.slc_offsets, o, lse, h, hkv, q.stride(0), q.stride(1), k.stride(0),
+                k.stride(1), o.stride(0), o.stride(1), scale * LOG2E, TOPK=topk, G=g, G_PAD=g_pad,
+                BLOCK_N=TUNING["fwd_block_n"], D=d, PREC=_prec(q), num_warps=TUNING["fwd_warps"],
+            )
+        else:
+            t = triton.next_power_of_2(t)
+            selection_fwd_grouped_kernel[(triton.cdiv(n, t), hkv)](
+                q, k, v, block_idx, layout.slc_offsets, o, lse, n, h, hkv, q.stride(0), q.stride(1), k.stride(0),
+                k.stride(1), o.stride(0), o.stride(1), scale * LOG2E, TOPK=topk,
+                E_PAD=t * triton.next_power_of_2(topk), T=t, G=g, G_PAD=g_pad, BLOCK_N=TUNING["fwd_block_n"], D=d,
+                PREC=_prec(q), num_warps=TUNING["fwd_warps"],
+            )
         ctx.save_for_backward(q, k, v, block_idx, o, lse)
         ctx.layout, ctx.scale = layout, scale
         return o
