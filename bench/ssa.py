@@ -165,15 +165,14 @@ def ssa_times(coords: torch.Tensor, cfg_name: str, device) -> dict:
 
 
 SWEEP = {
-    # (kernel module, tuning overrides): each variant is timed on the branch it changes, same inputs
-    "cmp": [("varlen", {}), ("varlen", {"max_split": 1}), ("varlen", {"dq_rows": 128, "dq_warps": 8}),
-            ("varlen", {"kv_rows": 128, "kv_warps": 8}), ("varlen", {"kv_block_n": 128, "kv_warps": 8}),
-            ("varlen", {"fwd_rows": 64}), ("varlen", {"fwd_warps": 8}), ("varlen", {"fwd_block_n": 128, "fwd_warps": 8})],
-    "slc": [("selection", {}), ("selection", {"max_split": 1}), ("selection", {"max_split": 16, "split_budget_bytes": 1 << 30}),
-            ("selection", {"kv_block_n": 64, "kv_warps": 4}), ("selection", {"kv_rows": 128}),
-            ("selection", {"fwd_block_n": 32}), ("selection", {"fwd_block_n": 128, "fwd_warps": 8})],
-    "topk": [("scoring", {}), ("scoring", {"rows": 128}), ("scoring", {"block_s": 64}),
-             ("scoring", {"rows": 128, "block_s": 64, "num_warps": 8}), ("scoring", {"rows": 32})],
+    # (kernel module, tuning overrides): each variant is timed on the branch it changes, same inputs. Issue 8 run 4:
+    # the grouped selection forward (fwd_tokens) and the scoring tile; the compression kernels did not change.
+    "cmp": [("varlen", {})],
+    "slc": [("selection", {}), ("selection", {"fwd_tokens": 1}), ("selection", {"fwd_tokens": 4}),
+            ("selection", {"fwd_tokens": 16}), ("selection", {"fwd_tokens": 8, "fwd_warps": 8}),
+            ("selection", {"fwd_tokens": 8, "fwd_block_n": 32})],
+    "topk": [("scoring", {}), ("scoring", {"rows": 256}), ("scoring", {"rows": 64}), ("scoring", {"num_warps": 8}),
+             ("scoring", {"block_s": 32}), ("scoring", {"block_s": 128})],
 }
 
 
