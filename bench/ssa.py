@@ -168,11 +168,9 @@ SWEEP = {
     # (kernel module, tuning overrides): each variant is timed on the branch it changes, same inputs. Issue 8 run 4:
     # the grouped selection forward (fwd_tokens) and the scoring tile; the compression kernels did not change.
     "cmp": [("varlen", {})],
-    "slc": [("selection", {}), ("selection", {"fwd_tokens": 1}), ("selection", {"fwd_tokens": 4}),
-            ("selection", {"fwd_tokens": 16}), ("selection", {"fwd_tokens": 8, "fwd_warps": 8}),
-            ("selection", {"fwd_tokens": 8, "fwd_block_n": 32})],
-    "topk": [("scoring", {}), ("scoring", {"rows": 256}), ("scoring", {"rows": 64}), ("scoring", {"num_warps": 8}),
-             ("scoring", {"block_s": 32}), ("scoring", {"block_s": 128})],
+    "slc": [("selection", {}), ("selection", {"fwd_tokens": 4}), ("selection", {"fwd_tokens": 2})],
+    "topk": [("scoring", {}), ("scoring", {"rows": 64}), ("scoring", {"block_s": 16}),
+             ("scoring", {"rows": 64, "block_s": 16})],
 }
 
 

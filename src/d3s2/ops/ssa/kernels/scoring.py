@@ -100,7 +100,7 @@ def score_topk_kernel(
     tl.store(SCORE + out, score, mask=omask)
 
 
-TUNING = {"rows": 128, "block_s": 64, "num_warps": 4}
+TUNING = {"rows": 128, "block_s": 32, "num_warps": 4}
 
 
 def score_topk_triton(q, k_cmp, lse, layout: SSALayout, top_k: int, scale: float):

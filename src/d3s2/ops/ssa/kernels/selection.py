@@ -2,9 +2,10 @@
 
 Forward and dQ: one program per (query token, KV head) holds the GQA group's ``G`` query heads as the rows of its tile
 (``[G_PAD, D]``, Algorithm 1 step 1) and streams the tokens of its top-k selection blocks, whose start offsets ``C``
-come from the layout (tokens are sorted by block, so each block is one contiguous run). The default forward groups
-``TUNING["fwd_tokens"]`` neighbouring tokens per program and streams the union of their blocks once
-(:func:`selection_fwd_grouped_kernel`); ``fwd_tokens=1`` is the one-token kernel.
+come from the layout (tokens are sorted by block, so each block is one contiguous run). ``TUNING["fwd_tokens"] > 1``
+groups that many neighbouring tokens per program and streams the union of their blocks once
+(:func:`selection_fwd_grouped_kernel`); it is off by default: on random inputs (bench/NOTES.md, run 4) the union is
+too large and it was 1.7x slower than the one-token kernel.
 
 dK/dV: one program per (selection block, KV head) walks an inverted index -- the (query) list that selected this
 block for this KV head, built with a stable sort, so every sum has one fixed order and there are no atomics on dK/dV.
@@ -249,7 +250,7 @@ def invert_block_index(block_idx: torch.Tensor, num_slc: int) -> tuple[torch.Ten
     return list_off, list_tok
 
 
-TUNING = {"fwd_tokens": 8, "fwd_block_n": 64, "fwd_warps": 4, "dq_warps": 4, "kv_rows": 128, "kv_block_n": 64, "kv_warps": 4,
+TUNING = {"fwd_tokens": 1, "fwd_block_n": 64, "fwd_warps": 4, "dq_warps": 4, "kv_rows": 128, "kv_block_n": 64, "kv_warps": 4,
           "max_split": 8, "split_budget_bytes": 512 << 20}
 
 
