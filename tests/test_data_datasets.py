@@ -130,3 +130,46 @@ def test_image_latent_dataset(prepared):
     assert batch["image"].shape == (2, 3, 24, 24) and batch["mask"].shape == (2, 1, 24, 24)
     with pytest.raises(D3S2Error, match="no item"):
         ImageLatentDataset(prepared, resolution=128, source="latent")
+
+
+def test_spatial_crop_keeps_whole_cells_within_budget():
+    from d3s2.data.datasets import spatial_crop
+
+    g = np.random.default_rng(0)
+    # a thick spherical shell on a 96^3 grid: ~60k voxels
+    p = np.argwhere(np.ones((96, 96, 96), bool))
+    r = np.linalg.norm(p - 47.5, axis=1)
+    coords = p[(r > 30) & (r < 33)]
+    for budget in (500, 5000, 20000):
+        keep = spatial_crop(coords, budget, np.random.default_rng(budget))
+        assert 0 < len(keep) <= budget and len(np.unique(keep)) == len(keep)
+        cells = coords // 8
+        kept = {tuple(c) for c in cells[keep]}
+        inside = np.array([tuple(c) in kept for c in cells])
+        assert inside.sum() == len(keep)  # a kept cell keeps all of its voxels
+        span = cells[keep].max(0) - cells[keep].min(0)
+        assert (span <= 2 * int(np.ceil((budget / 64) ** (1 / 2))) + 2).all()  # one compact piece, not scattered
+    a = spatial_crop(coords, 5000, np.random.default_rng(1))
+    b = spatial_crop(coords, 5000, np.random.default_rng(2))
+    assert not np.array_equal(a, b)
+    assert np.array_equal(a, spatial_crop(coords, 5000, np.random.default_rng(1)))
+    one_cell = spatial_crop(coords, 1, g)  # below one cell: that cell, whole
+    assert len(np.unique(coords[one_cell] // 8, axis=0)) == 1
+
+
+def test_sparse_sdf_dataset_max_voxels_crops(prepared):
+    full = SparseSDFDataset(prepared, resolutions=(64,), seed=0)[(0, 64)]
+    n = len(full["coords"])
+    ds = SparseSDFDataset(prepared, resolutions=(64,), seed=0, max_voxels=n // 3)
+    a = ds[(0, 64)]
+    assert 0 < len(a["coords"]) <= n // 3
+    # the crop is a subset with its own values and sharp flags
+    key = {tuple(c): i for i, c in enumerate(full["coords"].tolist())}
+    rows = torch.tensor([key[tuple(c)] for c in a["coords"].tolist()])
+    assert torch.equal(a["sdf"], full["sdf"][rows]) and torch.equal(a["sharp"], full["sharp"][rows])
+    assert torch.equal(ds[(0, 64)]["coords"], a["coords"])  # reproducible
+    ds.set_epoch(1)
+    assert not torch.equal(ds[(0, 64)]["coords"], a["coords"])  # a fresh crop each epoch
+    assert len(SparseSDFDataset(prepared, resolutions=(64,), max_voxels=10 * n)[(0, 64)]["coords"]) == n
+    with pytest.raises(D3S2Error, match="max_voxels"):
+        SparseSDFDataset(prepared, resolutions=(64,), max_voxels=0)

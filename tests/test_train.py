@@ -288,6 +288,24 @@ def test_ss_vae_task_logs_terms_and_validates(prepared, tmp_path):
     assert len(val) == 1 and 0 <= val[0]["val_fscore"] <= 1 and val[0]["val_sdf_l1"] > 0
 
 
+def test_ss_vae_max_voxels_crops_training_items_only(prepared, tmp_path):
+    """data.max_voxels: training items are spatial crops of at most that many voxels; validation sees whole shapes."""
+    from d3s2.train.tasks import SSVAETask
+
+    whole = SSVAETask(parse_train_config(ss_vae_cfg(prepared, tmp_path)), torch.device("cpu")).build_dataset("train")
+    n = len(whole[(0, 32, 0)]["coords"])
+    raw = ss_vae_cfg(prepared, tmp_path, max_steps=2)
+    raw["data"].update(resolutions=[32], max_voxels=n // 2)
+    cfg = parse_train_config(raw)
+    task = SSVAETask(cfg, torch.device("cpu"))
+    train, val = task.build_dataset("train"), task.build_dataset("val")
+    assert 0 < len(train[(0, 32, 0)]["coords"]) <= n // 2
+    assert not torch.equal(train[(0, 32, 0)]["coords"], train[(0, 32, 1)]["coords"])  # new crop next epoch
+    assert len(val[(0, 32, 0)]["coords"]) == n
+    out = Trainer(cfg).run()
+    assert len(out["losses"]) == 2 and all(v == v for v in out["losses"])
+
+
 @pytest.mark.parametrize("task", ["dense_vae", "dense_dit"])
 def test_gradient_checkpointing_same_losses(prepared, vae_weights, tmp_path, task):
     from d3s2.train.tasks import build_task

@@ -53,9 +53,17 @@ class SparseSDFDataset(torch.utils.data.Dataset):
 
     ``dataset[i]`` draws a resolution from ``resolutions``; ``dataset[(i, R)]`` asks for resolution R. Returns a dict:
     ``coords`` int64 [N, 3], ``sdf`` float32 [N, 1], ``sharp`` bool [N], ``resolution``, ``item_id``.
+
+    ``max_voxels``: a volume with more voxels is cropped to a random spatial crop of at most that many (see
+    :func:`spatial_crop`): the whole 1024^3 band of a detailed mesh (~18 M voxels) does not fit one 80 GB GPU in a
+    training step of the paper-size SS-VAE (bench/results/train_step-vae1024-h100.json), a 4.4 M-voxel crop takes 21 GB.
     """
 
-    def __init__(self, root: str | Path, resolutions: Sequence[int] = (256, 384, 512, 1024), seed: int = 0):
+    def __init__(self, root: str | Path, resolutions: Sequence[int] = (256, 384, 512, 1024), seed: int = 0,
+                 max_voxels: int | None = None):
+        if max_voxels is not None and max_voxels < 1:
+            raise D3S2Error(f"max_voxels must be a positive voxel count or None, got {max_voxels}")
+        self.max_voxels = max_voxels
         self.items = load_items(root)
         self.resolutions = tuple(int(r) for r in resolutions)
         if not self.resolutions:
@@ -91,13 +99,31 @@ class SparseSDFDataset(torch.utils.data.Dataset):
             index = int(key)
             resolution = int(_rng(self.seed, self.epoch, index, "res").choice(self.resolutions))
         sdf = self.load_sdf(index, resolution)
+        coords, values, sharp = sdf.coords, sdf.sdf, sdf.sharp
+        if self.max_voxels is not None and len(coords) > self.max_voxels:
+            keep = spatial_crop(coords, self.max_voxels, _rng(self.seed, self.epoch, index, f"crop{resolution}"))
+            coords, values, sharp = coords[keep], values[keep], sharp[keep]
         return {
-            "coords": torch.from_numpy(sdf.coords.astype(np.int64)),
-            "sdf": torch.from_numpy(sdf.sdf.astype(np.float32)).unsqueeze(1),
-            "sharp": torch.from_numpy(sdf.sharp.copy()),
+            "coords": torch.from_numpy(coords.astype(np.int64)),
+            "sdf": torch.from_numpy(values.astype(np.float32)).unsqueeze(1),
+            "sharp": torch.from_numpy(sharp.copy()),
             "resolution": sdf.resolution,
             "item_id": self.items[index]["item_id"],
         }
+
+
+def spatial_crop(coords: np.ndarray, max_voxels: int, rng: np.random.Generator, block: int = 8) -> np.ndarray:
+    """Indices of a spatial crop of at most ``max_voxels`` voxels (one ``block``^3 cell is always kept whole): the whole
+    ``block``^3 cells (the SS-VAE's 8x downsampling unit, so every latent cell of the crop sees all its voxels) within
+    the largest Chebyshev radius around a random voxel's cell that stays within the budget. A cube of the surface
+    band keeps the real local structure, which dropping random voxels would thin out."""
+    cells = coords.astype(np.int64) // block
+    centre = cells[rng.integers(len(cells))]
+    dist = np.abs(cells - centre).max(axis=1)
+    counts = np.bincount(dist)
+    fits = np.nonzero(np.cumsum(counts) <= max_voxels)[0]
+    radius = int(fits[-1]) if len(fits) else 0
+    return np.nonzero(dist <= radius)[0]
 
 
 class MultiResolutionBatchSampler(torch.utils.data.Sampler):

@@ -53,6 +53,7 @@ class DataConfig:
     batch_size: int = 1  # per process
     workers: int = 0
     val_root: str | None = None  # validation items (default: root)
+    max_voxels: int | None = None  # SS-VAE: random spatial crops of larger volumes (1024^3 bands on 80 GB cards)
 
 
 @dataclass

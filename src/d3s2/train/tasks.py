@@ -424,10 +424,10 @@ class DenseDiTTask(Task):
 
 
 class _SparseSDFKeys(torch.utils.data.Dataset):
-    def __init__(self, root: str, resolutions, seed: int) -> None:
+    def __init__(self, root: str, resolutions, seed: int, max_voxels: int | None = None) -> None:
         from d3s2.data.datasets import SparseSDFDataset
 
-        self.sdf = SparseSDFDataset(root, resolutions=resolutions or (512,), seed=seed)
+        self.sdf = SparseSDFDataset(root, resolutions=resolutions or (512,), seed=seed, max_voxels=max_voxels)
         taus = {float(it.get("tau", 0.0)) for it in self.sdf.items}
         if len(taus) != 1 or 0.0 in taus:
             raise D3S2Error(
@@ -439,7 +439,8 @@ class _SparseSDFKeys(torch.utils.data.Dataset):
         return len(self.sdf)
 
     def __getitem__(self, key) -> dict:
-        index, resolution, _epoch = key
+        index, resolution, epoch = key
+        self.sdf.set_epoch(epoch)  # fresh crops each epoch, the same in any worker
         return self.sdf[(index, resolution)]
 
 
@@ -476,7 +477,8 @@ class SSVAETask(Task):
 
     def build_dataset(self, split: str = "train"):
         root = self.cfg.data.val_root if split == "val" and self.cfg.data.val_root else self.cfg.data.root
-        ds = _SparseSDFKeys(root, self.cfg.data.resolutions, self.cfg.seed)
+        crop = self.cfg.data.max_voxels if split == "train" else None  # validate whole shapes
+        ds = _SparseSDFKeys(root, self.cfg.data.resolutions, self.cfg.seed, crop)
         if self._tau is None:
             self._tau = ds.tau
         return ds
