@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from d3s2.ops.ssa.kernels.tiles import group_rows
 from d3s2.ops.ssa.kernels.varlen_attention import LOG2E, _prec, tile_config
 from d3s2.ops.ssa.layout import SSALayout
 
@@ -35,13 +36,8 @@ def score_topk_kernel(
 ):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
-    M: tl.constexpr = BLOCK_T * G_PAD
-    r = tl.arange(0, M)
-    tok = pid * BLOCK_T + r // G_PAD
-    hh = r % G_PAD
-    row_ok = (tok < n_q) & (hh < G)
+    tok, head, row_ok = group_rows(pid, kvh, n_q, BLOCK_T, G, G_PAD)
     tok64 = tok.to(tl.int64)
-    head = kvh * G + hh
     d = tl.arange(0, D)
     q = tl.load(Q + tok64[:, None] * sq_n + head[:, None] * sq_h + d[None, :], mask=row_ok[:, None], other=0.0)
     lse2 = tl.load(LSE + tok64 * H + head, mask=row_ok, other=0.0) * 1.4426950408889634

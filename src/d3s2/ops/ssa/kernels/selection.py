@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from d3s2.ops.ssa.kernels.tiles import dq_tile, finish_softmax, group_rows, load_kv, softmax_tile
 from d3s2.ops.ssa.kernels.varlen_attention import LOG2E, _prec, tile_config
 from d3s2.ops.ssa.layout import SSALayout
 
@@ -50,20 +51,9 @@ def selection_fwd_kernel(
         for n0 in range(bs, be, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             cmask = cols < be
-            cols64 = cols.to(tl.int64)
-            k = tl.load(K + cols64[:, None] * sk_n + kvh * sk_h + d[None, :], mask=cmask[:, None], other=0.0)
-            v = tl.load(V + cols64[:, None] * sk_n + kvh * sk_h + d[None, :], mask=cmask[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
-            s = tl.where(cmask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-            m_i = m_new
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
-    o = acc / l_safe[:, None]
-    lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) / 1.4426950408889634, float("-inf"))
+            k, v = load_kv(K, V, cols, cmask, kvh, sk_n, sk_h, d)
+            m_i, l_i, acc = softmax_tile(q, k, v, cmask[None, :], m_i, l_i, acc, scale_log2, PREC)
+    o, lse = finish_softmax(acc, m_i, l_i)
     tl.store(O + t * so_n + head[:, None] * so_h + d[None, :], o.to(O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + t * H + head, lse, mask=row_ok)
 
@@ -86,12 +76,8 @@ def selection_fwd_grouped_kernel(
     kvh = tl.program_id(1)
     M: tl.constexpr = T * G_PAD
     K_PAD: tl.constexpr = E_PAD // T
-    r = tl.arange(0, M)
-    tok = pid * T + r // G_PAD
-    hh = r % G_PAD
-    row_ok = (tok < n_q) & (hh < G)
+    tok, head, row_ok = group_rows(pid, kvh, n_q, T, G, G_PAD)
     tok64 = tok.to(tl.int64)
-    head = kvh * G + hh
     d = tl.arange(0, D)
     q = tl.load(Q + tok64[:, None] * sq_n + head[:, None] * sq_h + d[None, :], mask=row_ok[:, None], other=0.0)
     # each row's own selection list [M, K_PAD] (the rows of one token read the same list; cached loads)
@@ -120,21 +106,9 @@ def selection_fwd_grouped_kernel(
         for n0 in range(bs, be, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             cmask = cols < be
-            cols64 = cols.to(tl.int64)
-            k = tl.load(K + cols64[:, None] * sk_n + kvh * sk_h + d[None, :], mask=cmask[:, None], other=0.0)
-            v = tl.load(V + cols64[:, None] * sk_n + kvh * sk_h + d[None, :], mask=cmask[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
-            s = tl.where(mine[:, None] & cmask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: keep exp2 finite
-            p = tl.exp2(s - m_use[:, None])
-            alpha = tl.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-            m_i = m_new
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
-    o = acc / l_safe[:, None]
-    lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) / 1.4426950408889634, float("-inf"))
+            k, v = load_kv(K, V, cols, cmask, kvh, sk_n, sk_h, d)
+            m_i, l_i, acc = softmax_tile(q, k, v, mine[:, None] & cmask[None, :], m_i, l_i, acc, scale_log2, PREC)
+    o, lse = finish_softmax(acc, m_i, l_i)
     tl.store(O + tok64[:, None] * so_n + head[:, None] * so_h + d[None, :], o.to(O.dtype.element_ty),
              mask=row_ok[:, None])
     tl.store(LSE + tok64 * H + head, lse, mask=row_ok)
@@ -168,14 +142,8 @@ def selection_bwd_dq_kernel(
         for n0 in range(bs, be, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             cmask = cols < be
-            cols64 = cols.to(tl.int64)
-            k = tl.load(K + cols64[:, None] * sk_n + kvh * sk_h + d[None, :], mask=cmask[:, None], other=0.0)
-            v = tl.load(V + cols64[:, None] * sk_n + kvh * sk_h + d[None, :], mask=cmask[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
-            p = tl.where(cmask[None, :] & row_ok[:, None], tl.exp2(s - lse2[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+            k, v = load_kv(K, V, cols, cmask, kvh, sk_n, sk_h, d)
+            dq = dq_tile(q, do, k, v, cmask[None, :] & row_ok[:, None], lse2, delta, dq, scale_log2, PREC)
     dq = dq * scale
     tl.store(DQ + t * sq_n + head[:, None] * sq_h + d[None, :], dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 

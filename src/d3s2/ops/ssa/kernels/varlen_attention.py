@@ -15,6 +15,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from d3s2.ops.ssa.kernels.tiles import dq_tile, finish_softmax, group_rows, load_kv, softmax_tile
+
 LOG2E = 1.4426950408889634
 
 
@@ -29,12 +31,8 @@ def varlen_fwd_kernel(
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
     M: tl.constexpr = BLOCK_T * G_PAD
-    r = tl.arange(0, M)
-    tok = pid * BLOCK_T + r // G_PAD
-    hh = r % G_PAD
-    row_ok = (tok < n_q) & (hh < G)
+    tok, head, row_ok = group_rows(pid, kvh, n_q, BLOCK_T, G, G_PAD)
     tok64 = tok.to(tl.int64)
-    head = kvh * G + hh
     d = tl.arange(0, D)
     q = tl.load(Q + tok64[:, None] * sq_n + head[:, None] * sq_h + d[None, :], mask=row_ok[:, None], other=0.0)
     lo = tl.load(KV_LO + tok, mask=tok < n_q, other=2147483647)
@@ -46,23 +44,10 @@ def varlen_fwd_kernel(
     acc = tl.zeros([M, D], tl.float32)
     for n0 in range(start, end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        cmask = cols < end
-        cols64 = cols.to(tl.int64)
-        k = tl.load(K + cols64[:, None] * sk_n + kvh * sk_h + d[None, :], mask=cmask[:, None], other=0.0)
-        v = tl.load(V + cols64[:, None] * sk_n + kvh * sk_h + d[None, :], mask=cmask[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+        k, v = load_kv(K, V, cols, cols < end, kvh, sk_n, sk_h, d)
         valid = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
-        s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
-    o = acc / l_safe[:, None]
-    lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) / 1.4426950408889634, float("-inf"))
+        m_i, l_i, acc = softmax_tile(q, k, v, valid, m_i, l_i, acc, scale_log2, PREC)
+    o, lse = finish_softmax(acc, m_i, l_i)
     tl.store(O + tok64[:, None] * so_n + head[:, None] * so_h + d[None, :], o.to(O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + tok64 * H + head, lse, mask=row_ok)
 
@@ -78,12 +63,8 @@ def varlen_bwd_dq_kernel(
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
     M: tl.constexpr = BLOCK_T * G_PAD
-    r = tl.arange(0, M)
-    tok = pid * BLOCK_T + r // G_PAD
-    hh = r % G_PAD
-    row_ok = (tok < n_q) & (hh < G)
+    tok, head, row_ok = group_rows(pid, kvh, n_q, BLOCK_T, G, G_PAD)
     tok64 = tok.to(tl.int64)
-    head = kvh * G + hh
     d = tl.arange(0, D)
     q = tl.load(Q + tok64[:, None] * sq_n + head[:, None] * sq_h + d[None, :], mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + tok64[:, None] * sdo_n + head[:, None] * sdo_h + d[None, :], mask=row_ok[:, None], other=0.0)
@@ -96,16 +77,9 @@ def varlen_bwd_dq_kernel(
     dq = tl.zeros([M, D], tl.float32)
     for n0 in range(start, end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        cmask = cols < end
-        cols64 = cols.to(tl.int64)
-        k = tl.load(K + cols64[:, None] * sk_n + kvh * sk_h + d[None, :], mask=cmask[:, None], other=0.0)
-        v = tl.load(V + cols64[:, None] * sk_n + kvh * sk_h + d[None, :], mask=cmask[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+        k, v = load_kv(K, V, cols, cols < end, kvh, sk_n, sk_h, d)
         valid = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None]) & row_ok[:, None]
-        p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+        dq = dq_tile(q, do, k, v, valid, lse2, delta, dq, scale_log2, PREC)
     dq = dq * scale
     tl.store(DQ + tok64[:, None] * sq_n + head[:, None] * sq_h + d[None, :], dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
