@@ -17,7 +17,15 @@ import torch
 import triton
 import triton.language as tl
 
-from d3s2.ops.ssa.kernels.tiles import dq_tile, finish_softmax, group_rows, load_kv, softmax_tile
+from d3s2.ops.ssa.kernels.tiles import (
+    dkdv_tile,
+    dq_tile,
+    finish_softmax,
+    group_rows,
+    load_grad_rows,
+    load_kv,
+    softmax_tile,
+)
 from d3s2.ops.ssa.kernels.varlen_attention import LOG2E, _prec, tile_config
 from d3s2.ops.ssa.layout import SSALayout
 
@@ -178,8 +186,7 @@ def selection_bwd_dkdv_kernel(
         cols = n0 + tl.arange(0, BLOCK_N)
         cmask = cols < be
         cols64 = cols.to(tl.int64)
-        k = tl.load(K + cols64[:, None] * sk_n + kvh * sk_h + d[None, :], mask=cmask[:, None], other=0.0)
-        v = tl.load(V + cols64[:, None] * sk_n + kvh * sk_h + d[None, :], mask=cmask[:, None], other=0.0)
+        k, v = load_kv(K, V, cols, cmask, kvh, sk_n, sk_h, d)
         dk = tl.zeros([BLOCK_N, D], tl.float32)
         dv = tl.zeros([BLOCK_N, D], tl.float32)
         for l0 in range(ls, le, BLOCK_T):
@@ -187,17 +194,9 @@ def selection_bwd_dkdv_kernel(
             lok = li < le
             row_ok = lok & (hh < G)
             tok = tl.load(LIST_TOK + li, mask=lok, other=0).to(tl.int64)
-            q = tl.load(Q + tok[:, None] * sq_n + head[:, None] * sq_h + d[None, :], mask=row_ok[:, None], other=0.0)
-            do = tl.load(DO + tok[:, None] * sdo_n + head[:, None] * sdo_h + d[None, :], mask=row_ok[:, None],
-                         other=0.0)
-            lse2 = tl.load(LSE + tok * H + head, mask=row_ok, other=0.0) * 1.4426950408889634
-            delta = tl.load(DELTA + tok * H + head, mask=row_ok, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
-            p = tl.where(row_ok[:, None] & cmask[None, :], tl.exp2(s - lse2[:, None]), 0.0)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+            q, do, lse2, delta = load_grad_rows(Q, DO, LSE, DELTA, tok, head, row_ok, sq_n, sq_h, sdo_n, sdo_h, H, d)
+            dk, dv, _ = dkdv_tile(q, do, k, v, row_ok[:, None] & cmask[None, :], lse2, delta, dk, dv, scale_log2,
+                                  PREC)
         dk = dk * scale
         out = split.to(tl.int64) * sdk_s + cols64[:, None] * sdk_n + kvh * sdk_h + d[None, :]
         tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=cmask[:, None])

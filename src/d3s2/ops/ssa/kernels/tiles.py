@@ -4,7 +4,9 @@
 * :func:`load_kv`: one ``[BLOCK_N, D]`` key tile and value tile of a KV head;
 * :func:`softmax_tile` / :func:`finish_softmax`: one key tile of the online-softmax forward (FlashAttention-2, in
   base 2) and its normalisation into output and log-sum-exp (natural log);
-* :func:`dq_tile`: one key tile of the dQ backward, probabilities recomputed from the saved log-sum-exp.
+* :func:`load_grad_rows`: a query tile's q, dO, base-2 log-sum-exp and delta = rowsum(dO * O) for the backward;
+* :func:`dq_tile` / :func:`dkdv_tile`: one (query tile, key tile) pair of the dQ / the dK-dV backward, probabilities
+  recomputed from the saved log-sum-exp.
 """
 
 from __future__ import annotations
@@ -63,3 +65,26 @@ def dq_tile(q, do, k, v, valid, lse2, delta, dq, scale_log2, PREC: tl.constexpr)
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     ds = p * (dp - delta[:, None])
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+
+
+@triton.jit
+def load_grad_rows(Q, DO, LSE, DELTA, tok64, head, row_ok, sq_n, sq_h, sdo_n, sdo_h, H, d):
+    """(q [M, D], dO [M, D], log-sum-exp in base 2 [M], delta [M]) of the rows (token ``tok64``, query ``head``)."""
+    q = tl.load(Q + tok64[:, None] * sq_n + head[:, None] * sq_h + d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + tok64[:, None] * sdo_n + head[:, None] * sdo_h + d[None, :], mask=row_ok[:, None], other=0.0)
+    lse2 = tl.load(LSE + tok64 * H + head, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + tok64 * H + head, mask=row_ok, other=0.0)
+    return q, do, lse2, delta
+
+
+@triton.jit
+def dkdv_tile(q, do, k, v, valid, lse2, delta, dk, dv, scale_log2, PREC: tl.constexpr):
+    """Add one query tile's ``dS^T @ Q`` and ``P^T @ dO`` to the key tile's (unscaled) dK, dV; also returns dS in the
+    input dtype (the fused backward turns it into dQ)."""
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+    p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
+    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    ds = (p * (dp - delta[:, None])).to(q.dtype)
+    dk += tl.dot(tl.trans(ds), q, input_precision=PREC)
+    return dk, dv, ds

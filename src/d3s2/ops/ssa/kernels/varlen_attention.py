@@ -15,7 +15,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from d3s2.ops.ssa.kernels.tiles import dq_tile, finish_softmax, group_rows, load_kv, softmax_tile
+from d3s2.ops.ssa.kernels.tiles import (
+    dkdv_tile,
+    dq_tile,
+    finish_softmax,
+    group_rows,
+    load_grad_rows,
+    load_kv,
+    softmax_tile,
+)
 
 LOG2E = 1.4426950408889634
 
@@ -66,10 +74,7 @@ def varlen_bwd_dq_kernel(
     tok, head, row_ok = group_rows(pid, kvh, n_q, BLOCK_T, G, G_PAD)
     tok64 = tok.to(tl.int64)
     d = tl.arange(0, D)
-    q = tl.load(Q + tok64[:, None] * sq_n + head[:, None] * sq_h + d[None, :], mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + tok64[:, None] * sdo_n + head[:, None] * sdo_h + d[None, :], mask=row_ok[:, None], other=0.0)
-    lse2 = tl.load(LSE + tok64 * H + head, mask=row_ok, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + tok64 * H + head, mask=row_ok, other=0.0)
+    q, do, lse2, delta = load_grad_rows(Q, DO, LSE, DELTA, tok64, head, row_ok, sq_n, sq_h, sdo_n, sdo_h, H, d)
     lo = tl.load(KV_LO + tok, mask=tok < n_q, other=2147483647)
     hi = tl.load(KV_HI + tok, mask=tok < n_q, other=0)
     start = tl.min(lo, axis=0)
@@ -99,8 +104,7 @@ def varlen_bwd_dkdv_kernel(
     cmask = cols < n_k
     cols64 = cols.to(tl.int64)
     d = tl.arange(0, D)
-    k = tl.load(K + cols64[:, None] * sk_n + kvh * sk_h + d[None, :], mask=cmask[:, None], other=0.0)
-    v = tl.load(V + cols64[:, None] * sk_n + kvh * sk_h + d[None, :], mask=cmask[:, None], other=0.0)
+    k, v = load_kv(K, V, cols, cmask, kvh, sk_n, sk_h, d)
     qlo = tl.load(Q_LO + cols, mask=cmask, other=2147483647)
     qhi = tl.load(Q_HI + cols, mask=cmask, other=0)
     start = tl.min(qlo, axis=0)
@@ -119,19 +123,11 @@ def varlen_bwd_dkdv_kernel(
         tok = t0 + r // G_PAD
         row_ok = (tok < end) & (hh < G)
         tok64 = tok.to(tl.int64)
-        q = tl.load(Q + tok64[:, None] * sq_n + head[:, None] * sq_h + d[None, :], mask=row_ok[:, None], other=0.0)
-        do = tl.load(DO + tok64[:, None] * sdo_n + head[:, None] * sdo_h + d[None, :], mask=row_ok[:, None], other=0.0)
-        lse2 = tl.load(LSE + tok64 * H + head, mask=row_ok, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + tok64 * H + head, mask=row_ok, other=0.0)
+        q, do, lse2, delta = load_grad_rows(Q, DO, LSE, DELTA, tok64, head, row_ok, sq_n, sq_h, sdo_n, sdo_h, H, d)
         lo = tl.load(KV_LO + tok, mask=tok < end, other=2147483647)
         hi = tl.load(KV_HI + tok, mask=tok < end, other=0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
         valid = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None]) & row_ok[:, None] & cmask[None, :]
-        p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+        dk, dv, _ = dkdv_tile(q, do, k, v, valid, lse2, delta, dk, dv, scale_log2, PREC)
     dk = dk * scale
     out = split.to(tl.int64) * sdk_s + cols64[:, None] * sdk_n + kvh * sdk_h + d[None, :]
     tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=cmask[:, None])
@@ -155,8 +151,7 @@ def varlen_bwd_fused_kernel(
     cmask = cols < n_k
     cols64 = cols.to(tl.int64)
     d = tl.arange(0, D)
-    k = tl.load(K + cols64[:, None] * sk_n + kvh * sk_h + d[None, :], mask=cmask[:, None], other=0.0)
-    v = tl.load(V + cols64[:, None] * sk_n + kvh * sk_h + d[None, :], mask=cmask[:, None], other=0.0)
+    k, v = load_kv(K, V, cols, cmask, kvh, sk_n, sk_h, d)
     qlo = tl.load(Q_LO + cols, mask=cmask, other=2147483647)
     qhi = tl.load(Q_HI + cols, mask=cmask, other=0)
     start = tl.min(qlo, axis=0)
@@ -174,20 +169,11 @@ def varlen_bwd_fused_kernel(
         tok = t0 + r // G_PAD
         row_ok = (tok < end) & (hh < G)
         tok64 = tok.to(tl.int64)
-        q = tl.load(Q + tok64[:, None] * sq_n + head[:, None] * sq_h + d[None, :], mask=row_ok[:, None], other=0.0)
-        do = tl.load(DO + tok64[:, None] * sdo_n + head[:, None] * sdo_h + d[None, :], mask=row_ok[:, None], other=0.0)
-        lse2 = tl.load(LSE + tok64 * H + head, mask=row_ok, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + tok64 * H + head, mask=row_ok, other=0.0)
+        q, do, lse2, delta = load_grad_rows(Q, DO, LSE, DELTA, tok64, head, row_ok, sq_n, sq_h, sdo_n, sdo_h, H, d)
         lo = tl.load(KV_LO + tok, mask=tok < end, other=2147483647)
         hi = tl.load(KV_HI + tok, mask=tok < end, other=0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
         valid = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None]) & row_ok[:, None] & cmask[None, :]
-        p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        dsl = ds.to(q.dtype)
-        dk += tl.dot(tl.trans(dsl), q, input_precision=PREC)
+        dk, dv, dsl = dkdv_tile(q, do, k, v, valid, lse2, delta, dk, dv, scale_log2, PREC)
         dq = tl.dot(dsl, k, input_precision=PREC) * scale
         tl.atomic_add(DQACC + (tok64[:, None] * H + head[:, None]) * D + d[None, :], dq, mask=row_ok[:, None])
     dk = dk * scale
