@@ -255,7 +255,14 @@ class Trainer:
         cfg = self.cfg
         self.info: DistInfo = init_distributed(cfg.device, cfg.distributed.backend)
         try:
-            return self._run()
+            out = self._run()
+            if self.info.enabled:
+                import torch.distributed as dist
+
+                # every rank finishes its last collective before any tears the group down: a rank that exits while
+                # a peer's gloo work is in flight can abort the peer ("terminate called without an active exception")
+                dist.barrier()
+            return out
         finally:
             shutdown_distributed()
 
