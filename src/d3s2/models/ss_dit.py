@@ -34,7 +34,7 @@ from torch import nn
 
 from d3s2.errors import D3S2Error
 from d3s2.models.dense_vae import load_official_state_dict as _load
-from d3s2.nn.blocks import ModulatedTransformerCrossBlock, RaggedRows, init_dit_weights
+from d3s2.nn.blocks import ModulatedTransformerCrossBlock, cached_ragged_rows, init_dit_weights
 from d3s2.nn.embeddings import AbsolutePositionEmbedder, TimestepEmbedder
 from d3s2.nn.ssa import SSAConfig, SpatialSparseAttention
 
@@ -154,13 +154,6 @@ class SSDiT(nn.Module):
             cache[key] = layout
         return layout
 
-    @staticmethod
-    def _ragged_rows(layout) -> RaggedRows:
-        """Sample row segments of the layout's token order, read to the host once per layout (not per block)."""
-        if "ragged_rows" not in layout._cache:
-            layout._cache["ragged_rows"] = RaggedRows(layout.sample_token_offsets)
-        return layout._cache["ragged_rows"]
-
     # ------------------------------------------------------------------ forward
     def embed_condition(self, cond: torch.Tensor, cond_coords: torch.Tensor | None) -> torch.Tensor:
         """Eq. 9 (v1.0): ``cond_proj(tokens + APE(coords))``; identity for dense (v1.1) conditioning."""
@@ -202,7 +195,7 @@ class SSDiT(nn.Module):
         coords_sorted = layout.sorted_coords if layout.sorted_coords is not None else layout.to_sorted(x.coords.long())
         h = self.input_layer(layout.to_sorted(feats).to(dtype))
         h = h + self.pos_embedder(coords_sorted[:, 1:]).to(dtype)
-        offsets = self._ragged_rows(layout)
+        offsets = cached_ragged_rows(layout._cache, layout.sample_token_offsets)  # read to the host once per layout
         for i, block in enumerate(self.blocks):
             shift = cfg.window_shift if i % 2 == 1 else 0
             h = block(h, t_emb, ctx, cond_mask, batch_offsets=offsets,

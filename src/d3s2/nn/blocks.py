@@ -33,7 +33,7 @@ from d3s2.nn.attention import MultiHeadCrossAttention, MultiHeadSelfAttention
 from d3s2.nn.norms import LayerNorm32
 
 __all__ = ["FeedForward", "ModulatedTransformerCrossBlock", "RaggedRows", "init_dit_weights", "modulate", "pad_rows",
-           "unpad_rows", "ragged_rows_of", "rows_batch_index"]
+           "unpad_rows", "cached_ragged_rows", "ragged_rows_of", "rows_batch_index"]
 
 
 class FeedForward(nn.Module):
@@ -68,21 +68,17 @@ class RaggedRows:
     reads sizes back from the GPU: a host sync per block would stall the launch queue (every block waits for the
     previous one to finish) and would make the forward impossible to capture in a CUDA graph."""
 
-    def __init__(self, offsets: torch.Tensor, counts: list[int] | None = None) -> None:
-        self.offsets = offsets
-        self.counts = _counts(offsets) if counts is None else list(counts)
+    def __init__(self, offsets: torch.Tensor) -> None:
+        self.counts = _counts(offsets)
         self.n_max = max(self.counts, default=0)
         self.uniform = len(set(self.counts)) <= 1  # e.g. the two halves of a classifier-free-guidance batch
         self._index: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
 
     def _build(self, device) -> None:
-        b = len(self.counts)
         counts = torch.tensor(self.counts, device=device)
-        mask = torch.arange(self.n_max, device=device)[None, :] < counts[:, None]
-        self._mask = mask
-        self._index = torch.nonzero(mask.reshape(-1)).squeeze(1)  # padded slot of every row, in row order
-        assert self._index.numel() == sum(self.counts) and b == mask.shape[0]
+        self._mask = torch.arange(self.n_max, device=device)[None, :] < counts[:, None]
+        self._index = torch.nonzero(self._mask.reshape(-1)).squeeze(1)  # padded slot of every row, in row order
 
     def pad(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``[N_total, C]`` -> ``[B, N_max, C]`` (zeros in padding) and the ``[B, N_max]`` mask (None if uniform)."""
@@ -99,15 +95,20 @@ class RaggedRows:
         return flat if self.uniform else flat.index_select(0, self._index)
 
 
-def ragged_rows_of(x: Any) -> RaggedRows:
-    """The :class:`RaggedRows` of a sparse tensor, memoised in its coordinate cache (shared by ``x.replace``); built
-    afresh for sparse-like objects without one (anything with ``feats``, ``batch_offsets`` and ``replace``)."""
-    cache = getattr(x, "_cache", None)
+def cached_ragged_rows(cache: dict | None, offsets: torch.Tensor) -> RaggedRows:
+    """The :class:`RaggedRows` of ``offsets``, memoised in ``cache`` (a token set's cache: a sparse tensor's
+    coordinate cache, an SSA layout's); built afresh without one."""
     if cache is None:
-        return RaggedRows(x.batch_offsets)
+        return RaggedRows(offsets)
     if "ragged_rows" not in cache:
-        cache["ragged_rows"] = RaggedRows(x.batch_offsets)
+        cache["ragged_rows"] = RaggedRows(offsets)
     return cache["ragged_rows"]
+
+
+def ragged_rows_of(x: Any) -> RaggedRows:
+    """The :class:`RaggedRows` of a sparse tensor-like ``x`` (``feats``, ``batch_offsets``, ``replace``), memoised in
+    its coordinate cache (shared by ``x.replace``) when it has one."""
+    return cached_ragged_rows(getattr(x, "_cache", None), x.batch_offsets)
 
 
 def pad_rows(feats: torch.Tensor, batch_offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
