@@ -53,6 +53,24 @@ def ms(fn) -> float:
     return float(triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median"))
 
 
+def graph_ms(fn) -> float:
+    """Median time of ``fn`` replayed from a CUDA graph (no Python or launch overhead); NaN if it does not capture."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return ms(graph.replay)
+    except Exception as exc:  # reported, not fatal
+        print("graph capture failed:", repr(exc)[:200], flush=True)
+        return float("nan")
+
+
 def device_name() -> str:
     return "cpu-smoke" if SMOKE else torch.cuda.get_device_name()
 
@@ -87,8 +105,12 @@ def fa2_times(n: int, device) -> dict:
     out = fwd()
     do = torch.randn_like(out)
     t_f = ms(fwd)
+    extra = {}
+    if not SMOKE and n <= 32768:
+        with torch.no_grad():
+            extra["fa2_fwd_graph_ms"] = graph_ms(fwd)
     t_b = ms(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True))
-    return {"fa2_fwd_ms": t_f, "fa2_bwd_ms": t_b}
+    return {"fa2_fwd_ms": t_f, "fa2_bwd_ms": t_b, **extra}
 
 
 def ssa_times(coords: torch.Tensor, cfg_name: str, device) -> dict:
@@ -119,23 +141,22 @@ def ssa_times(coords: torch.Tensor, cfg_name: str, device) -> dict:
     out = total()
     do = torch.randn_like(out)
     row["ssa_fwd_ms"] = ms(total)
+    if not SMOKE and n <= 32768:  # small token sets are launch-bound: also time the forward replayed from a CUDA graph
+        with torch.no_grad():
+            row["ssa_fwd_graph_ms"] = graph_ms(total)
     row["ssa_bwd_ms"] = ms(lambda: torch.autograd.grad(out, ins, do, retain_graph=True))
 
     # per branch
     bf_ms, bb_ms = {}, {}
-    pe = mod.intra_block_pe.reshape(-1, HKV * D)
-
     def cmp_net():
-        kc = mod.compression_key(k_tok + pe[layout.token_pe_index], layout)
-        vc = mod.compression_value(v_tok, layout)
-        return kc, vc
+        return mod.compress(k_tok, v_tok, layout)
 
     kc, vc = cmp_net()
     bf_ms["cmp_net"] = ms(cmp_net)
     gk, gv = torch.randn_like(kc), torch.randn_like(vc)
     bb_ms["cmp_net"] = ms(lambda: torch.autograd.grad((kc, vc), (k_tok, v_tok), (gk, gv), retain_graph=True))
-    kc3 = kc.detach().view(-1, HKV, D).requires_grad_()
-    vc3 = vc.detach().view(-1, HKV, D).requires_grad_()
+    kc3 = kc.detach().reshape(-1, HKV, D).contiguous().requires_grad_()
+    vc3 = vc.detach().reshape(-1, HKV, D).contiguous().requires_grad_()
     k3 = k_tok.detach().view(n, HKV, D).requires_grad_()
     v3 = v_tok.detach().view(n, HKV, D).requires_grad_()
     o_c, lse = compression_attention_triton(q, kc3, vc3, layout, scale)
@@ -165,12 +186,11 @@ def ssa_times(coords: torch.Tensor, cfg_name: str, device) -> dict:
 
 
 SWEEP = {
-    # (kernel module, tuning overrides): each variant is timed on the branch it changes, same inputs. Issue 8 run 4:
-    # the grouped selection forward (fwd_tokens) and the scoring tile; the compression kernels did not change.
-    "cmp": [("varlen", {})],
-    "slc": [("selection", {}), ("selection", {"fwd_tokens": 4}), ("selection", {"fwd_tokens": 2})],
-    "topk": [("scoring", {}), ("scoring", {"rows": 64}), ("scoring", {"block_s": 16}),
-             ("scoring", {"rows": 64, "block_s": 16})],
+    # (kernel module, tuning overrides): each variant is timed on the branch it changes, same inputs. Issue 8 run 11:
+    # neighbours of the new compression dK/dV defaults (kv_rows 128, programs_per_sm 16, max_split 32).
+    "cmp": [("varlen", {}), ("varlen", {"kv_rows": 64}), ("varlen", {"programs_per_sm": 8, "max_split": 16}),
+            ("varlen", {"programs_per_sm": 32, "max_split": 64})],
+    "win": [("window", {}), ("window", {"kv_rows": 64})],
 }
 
 
@@ -207,9 +227,9 @@ def tune(coords: torch.Tensor, device) -> dict:
 
 def sweep(coords: torch.Tensor, cfg_name: str, device, table: dict | None = None) -> list[dict]:
     """Time tile variants of the compression, selection and scoring kernels on one token set."""
-    from d3s2.ops.ssa.kernels import scoring, selection, varlen_attention
+    from d3s2.ops.ssa.kernels import scoring, selection, varlen_attention, window
 
-    mods = {"varlen": varlen_attention, "selection": selection, "scoring": scoring}
+    mods = {"varlen": varlen_attention, "selection": selection, "scoring": scoring, "window": window}
     cfg = SSAConfig(dim=256, num_heads=H, num_kv_heads=HKV, head_dim=D, m_slc=8, m_win=8, backend="triton",
                     **CONFIGS[cfg_name])
     mod = SpatialSparseAttention(cfg).to(device=device, dtype=torch.bfloat16)
@@ -238,6 +258,11 @@ def sweep(coords: torch.Tensor, cfg_name: str, device, table: dict | None = None
                     o, lse = compression_attention_triton(q, kc3, vc3, layout, scale)
                     r["fwd_ms"] = ms(lambda: compression_attention_triton(q, kc3, vc3, layout, scale))
                     r["bwd_ms"] = ms(lambda: torch.autograd.grad(o, (q, kc3, vc3), do, retain_graph=True))
+                elif branch == "win":
+                    w = layout.window(0)
+                    o = window_attention_triton(q, k3, v3, w, scale)
+                    r["fwd_ms"] = ms(lambda: window_attention_triton(q, k3, v3, w, scale))
+                    r["bwd_ms"] = ms(lambda: torch.autograd.grad(o, (q, k3, v3), do, retain_graph=True))
                 elif branch == "slc":
                     _, lse = compression_attention_triton(q.detach(), kc, vc3.detach(), layout, scale)
                     idx, _ = score_topk_triton(q.detach(), kc, lse, layout, cfg.top_k, scale)
@@ -329,10 +354,10 @@ def main() -> int:
         with open(os.path.join(args.out, "ssa_tuning.json"), "w") as f:
             json.dump(doc["tuning"]["choice"], f)
         print("tuning:", json.dumps(doc["tuning"]["choice"]), flush=True)
-    from d3s2.ops.ssa.kernels import scoring, selection, varlen_attention
+    from d3s2.ops.ssa.kernels import scoring, selection, varlen_attention, window
 
     doc["tuning_used"] = {"varlen": dict(varlen_attention.TUNING), "selection": dict(selection.TUNING),
-                          "scoring": dict(scoring.TUNING)}
+                          "scoring": dict(scoring.TUNING), "window": dict(window.TUNING)}
     meshes = args.meshes.split(",")
     print(f"{'config':9s} {'mesh':6s} {'N':>7s} {'ssa f':>8s} {'fa2 f':>8s} {'x f':>6s} {'ssa b':>8s} {'fa2 b':>8s} "
           f"{'x b':>6s}  branches fwd | bwd (ms)", flush=True)
@@ -353,6 +378,9 @@ def main() -> int:
                 save(path, doc)
                 bfw = " ".join(f"{k}={v:.2f}" for k, v in row["branch_fwd_ms"].items())
                 bbw = " ".join(f"{k}={v:.2f}" for k, v in row["branch_bwd_ms"].items())
+                if "ssa_fwd_graph_ms" in row:
+                    print(f"{cfg:9s} {mesh:6s} {n:7d} forward replayed from a CUDA graph: SSA "
+                          f"{row['ssa_fwd_graph_ms']:.2f} ms, FA2 {row['fa2_fwd_graph_ms']:.2f} ms", flush=True)
                 print(f"{cfg:9s} {mesh:6s} {n:7d} {row['ssa_fwd_ms']:8.2f} {row['fa2_fwd_ms']:8.2f} "
                       f"{row['speedup_fwd']:6.1f} {row['ssa_bwd_ms']:8.2f} {row['fa2_bwd_ms']:8.2f} "
                       f"{row['speedup_bwd']:6.1f}  {bfw} | {bbw}  (blk4 {row['tokens_per_cmp_block']:.1f}, "

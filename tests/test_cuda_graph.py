@@ -43,7 +43,12 @@ def _ragged_latent(device, channels, seed=0):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("version", ["v1.1", "v1.0"])
-def test_graph_replay_matches_eager_sampling(version):
+def test_graph_replay_matches_eager_sampling(version, monkeypatch):
+    # exact fp32 convs/matmuls: with TF32 on, cuDNN may pick another conv algorithm inside the capture than in the
+    # first eager call (seen with the v1.0 compression's grouped conv3: 1.5e-5 apart, cold caches only), which is
+    # rounding, not a replay error
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     torch.manual_seed(0)
     params = load_model_config("ss_dit_tiny").params
     extra = {"top_k": 4} if version == "v1.0" else {}

@@ -68,15 +68,19 @@ def test_compression_attention(dtype, h, hkv, d, fused, monkeypatch):
         assert rel(a, b) < TOL[dtype]
 
 
-@pytest.mark.parametrize("m_cmp,top_k,block_s", [(2, 3, 64), (4, 40, 64), (2, 3, 4), (2, 5, 8)])
-def test_score_topk_picks_the_best_blocks(m_cmp, top_k, block_s, monkeypatch):
+@pytest.mark.parametrize("m_cmp,top_k,block_s,head_dot", [(2, 3, 64, False), (4, 40, 64, False), (2, 3, 4, False),
+                                                          (2, 5, 8, False), (2, 5, 8, True), (4, 40, 64, True)])
+def test_score_topk_picks_the_best_blocks(m_cmp, top_k, block_s, head_dot, monkeypatch):
     """Fused Eq. 8 + top-k: the chosen blocks carry the reference's best score mass; counts, uniqueness, padding.
-    A small ``block_s`` makes the kernel merge many chunks into its running top-k (the data-dependent merge rounds)."""
+    A small ``block_s`` makes the kernel merge many chunks into its running top-k (the data-dependent merge rounds);
+    m_cmp 2 < m_slc 4 runs the slot loop (blocks in the layout's scan order), m_cmp 4 = m_slc the one-to-one path;
+    ``head_dot`` sums the group's heads with a dot (16-token tiles)."""
     from d3s2.ops.ssa.kernels import scoring
     from d3s2.ops.ssa.kernels.compression import compression_attention_triton
     from d3s2.ops.ssa.kernels.scoring import score_topk_triton
 
-    monkeypatch.setitem(scoring.TUNING, "block_s", block_s)
+    for key, val in {"block_s": block_s, "block_s_1": block_s, "head_dot": head_dot, "head_dot_1": head_dot}.items():
+        monkeypatch.setitem(scoring.TUNING, key, val)
 
     lay = make_layout(m_cmp=m_cmp, m_slc=4)
     q, k, _, kc, vc, _ = tensors(lay, 4, 2, 16, torch.float32, seed=3)
@@ -149,6 +153,19 @@ def test_window_attention(dtype, shift):
     assert rel(o, ro) < TOL[dtype]
     for a, b in zip(torch.autograd.grad(o, (q, k, v), do), rg):
         assert rel(a, b) < TOL[dtype]
+
+
+@pytest.mark.parametrize("n,dtype", [(101, torch.float32), (300, torch.float16), (1, torch.float32), (0, torch.float32)])
+def test_bwd_delta_matches_rowsum(n, dtype):
+    """The backward's delta = rowsum(dO * O): row counts that are not a multiple of the kernel's block, one row, none."""
+    from d3s2.ops.ssa.kernels.varlen_attention import bwd_delta
+
+    g = torch.Generator(device=DEV).manual_seed(n)
+    o = torch.randn(n, 3, 16, generator=g, device=DEV).to(dtype)
+    do = torch.randn(n, 3, 16, generator=g, device=DEV).to(dtype)
+    got = bwd_delta(o, do)
+    assert got.shape == (n, 3) and got.dtype == torch.float32
+    torch.testing.assert_close(got, (o.double() * do.double()).sum(-1).float(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("nb", [1, 2, 3])

@@ -60,6 +60,13 @@ def test_spatial_layout_blocks_are_3d_cells(m_cmp, m_slc):
         assert int(lay.cmp_offsets[c0 + cnt]) == int(lay.slc_offsets[s + 1])
         assert bool((lay.cmp_slc[c0:c0 + cnt] == s).all())
     assert int(lay.slc_cmp_count.max()) <= lay.cmp_per_slc
+    # scan order: a permutation inside each sample's range of selection blocks, by decreasing count
+    order = lay.slc_scan_order.long()
+    assert torch.equal(torch.sort(order).values, torch.arange(lay.num_slc))
+    assert torch.equal(lay.slc_sample[order], lay.slc_sample)
+    cnt = lay.slc_cmp_count[order]
+    same = lay.slc_sample[1:] == lay.slc_sample[:-1]
+    assert bool((cnt[1:][same] <= cnt[:-1][same]).all())
     local = sc[:, 1:] % m_cmp
     assert torch.equal(lay.token_pe_index, (local[:, 0] * m_cmp + local[:, 1]) * m_cmp + local[:, 2])
     # per-token ranges are those of the token's sample

@@ -94,15 +94,39 @@ def test_block_conv_dense_path_equals_sparse_conv():
 
     m = SpatialSparseAttention(SSAConfig.v1_0(**SMALL)).double()
     lay = m.make_layout(coords())
-    feats = torch.randn(lay.num_cmp, 32, dtype=torch.float64)
-    dense = mod._block_conv3(m.compression_key.conv1, feats, lay)
-    old = mod._DENSE_LIMIT
-    mod._DENSE_LIMIT = 0
-    try:
-        sparse = mod._block_conv3(m.compression_key.conv1, feats, lay)
-    finally:
-        mod._DENSE_LIMIT = old
-    torch.testing.assert_close(dense, sparse, rtol=1e-10, atol=1e-10)
+    for convs in ([m.compression_key.conv1], [m.compression_key.conv1, m.compression_value.conv2]):
+        feats = torch.randn(lay.num_cmp, 32 * len(convs), dtype=torch.float64)
+        dense = mod._block_conv3(convs, feats, lay)
+        old = mod._DENSE_LIMIT
+        mod._DENSE_LIMIT = 0
+        try:
+            sparse = mod._block_conv3(convs, feats, lay)
+        finally:
+            mod._DENSE_LIMIT = old
+        torch.testing.assert_close(dense, sparse, rtol=1e-10, atol=1e-10)
+
+
+def test_v1_0_key_and_value_compression_in_one_pass():
+    """The layer runs its key and value compression networks together (channels side by side, grouped convs,
+    GroupNorm over both nets' groups); the result must equal running each network alone, gradients included."""
+    from d3s2.nn.ssa import compress_v10
+
+    torch.manual_seed(2)
+    m = SpatialSparseAttention(SSAConfig.v1_0(**SMALL)).double()
+    with torch.no_grad():  # distinct affine parameters, so that a swapped or shared slice would show
+        for p in m.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    lay = m.make_layout(coords())
+    k = torch.randn(lay.num_tokens, 32, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(lay.num_tokens, 32, dtype=torch.float64, requires_grad=True)
+    both = compress_v10((m.compression_key, m.compression_value), torch.cat([k, v], 1), lay)
+    alone = torch.cat([m.compression_key(k, lay), m.compression_value(v, lay)], 1)
+    torch.testing.assert_close(both, alone, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(both)
+    ga = torch.autograd.grad(both, (k, v, m.compression_value.norm2.weight), g)
+    gb = torch.autograd.grad(alone, (k, v, m.compression_value.norm2.weight), g)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
 def test_pack_unpack_roundtrip():

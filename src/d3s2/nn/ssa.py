@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -104,12 +105,20 @@ class CompressionV10(nn.Module):
         self.conv2 = _ConvWrap(channels, channels, 3)
 
     def forward(self, feats_sorted: torch.Tensor, layout: SSALayout) -> torch.Tensor:
-        h = F.silu(_group_norm(self.norm1, feats_sorted, _host_offsets(layout, "token")))
-        pooled = mean_pool_blocks(h, layout)
-        y = _block_conv3(self.conv1, pooled, layout)
-        y = F.silu(_group_norm(self.norm2, y, _host_offsets(layout, "cmp")))
-        y = _block_conv3(self.conv2, y, layout)
-        return y + pooled
+        return compress_v10((self,), feats_sorted, layout)
+
+
+def compress_v10(nets: Sequence[CompressionV10], feats_sorted: torch.Tensor, layout: SSALayout) -> torch.Tensor:
+    """Run several v1.0 compression networks at once on their inputs placed side by side in the channels
+    ([N, len(nets) * C] -> [Nc, len(nets) * C]): each GroupNorm group and each grouped conv3 sees only its own
+    network's channels, so the result equals running them one by one, with a fraction of the kernel launches (the
+    key and value networks of a layer run together; the launches dominate at small token counts)."""
+    h = F.silu(_group_norm([n.norm1 for n in nets], feats_sorted, _host_offsets(layout, "token")))
+    pooled = mean_pool_blocks(h, layout)
+    y = _block_conv3([n.conv1 for n in nets], pooled, layout)
+    y = F.silu(_group_norm([n.norm2 for n in nets], y, _host_offsets(layout, "cmp")))
+    y = _block_conv3([n.conv2 for n in nets], y, layout)
+    return y + pooled
 
 
 def _host_offsets(layout: SSALayout, kind: str) -> list[int]:
@@ -121,16 +130,24 @@ def _host_offsets(layout: SSALayout, kind: str) -> list[int]:
     return layout._cache[key]
 
 
-def _group_norm(norm, x: torch.Tensor, offsets: list[int]) -> torch.Tensor:
+def _group_norm(norms, x: torch.Tensor, offsets: list[int]) -> torch.Tensor:
     """GroupNorm per sample over its rows (what SparseGroupNorm computes), through F.group_norm on [1, C, n_b]
-    views: one fused kernel per sample instead of row scatters, whose backward is slow at 100k+ rows."""
+    views: one fused kernel per sample instead of row scatters, whose backward is slow at 100k+ rows. Several norms
+    (same eps) act on consecutive channel slices of ``x``."""
+    if len(norms) == 1:
+        groups, weight, bias = norms[0].num_groups, norms[0].weight, norms[0].bias
+    else:
+        groups = sum(n.num_groups for n in norms)
+        weight = torch.cat([n.weight for n in norms]) if norms[0].weight is not None else None
+        bias = torch.cat([n.bias for n in norms]) if norms[0].bias is not None else None
+    eps = norms[0].eps
     outs = []
     for b in range(len(offsets) - 1):
         xb = x[offsets[b]:offsets[b + 1]]
         if xb.shape[0] == 0:
             outs.append(xb)
             continue
-        yb = F.group_norm(xb.t().unsqueeze(0), norm.num_groups, norm.weight, norm.bias, norm.eps)
+        yb = F.group_norm(xb.t().unsqueeze(0), groups, weight, bias, eps)
         outs.append(yb[0].t())
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
@@ -138,11 +155,12 @@ def _group_norm(norm, x: torch.Tensor, offsets: list[int]) -> torch.Tensor:
 _DENSE_LIMIT = 1 << 27  # cells x channels of the dense block grid, above which the sparse conv is used
 
 
-def _block_conv3(wrap, feats: torch.Tensor, layout: SSALayout) -> torch.Tensor:
+def _block_conv3(wraps, feats: torch.Tensor, layout: SSALayout) -> torch.Tensor:
     """Submanifold 3x3x3 conv on the compression-block grid. The block grid is coarse (m_cmp times smaller than the
     token grid), so it is scattered into a dense channels-last volume and run through F.conv3d (cuDNN); reading the
-    output at the active blocks only, with zeros at inactive ones, is exactly the submanifold conv. Falls back to
-    d3s2.sparse's gather-GEMM-scatter when the dense volume would be large."""
+    output at the active blocks only, with zeros at inactive ones, is exactly the submanifold conv. Several convs act
+    on consecutive channel slices (one grouped conv). Falls back to d3s2.sparse's gather-GEMM-scatter when the dense
+    volume would be large."""
     key = ("dense_block_grid",)
     if key not in layout._cache:
         cc = layout.cmp_coords
@@ -151,17 +169,18 @@ def _block_conv3(wrap, feats: torch.Tensor, layout: SSALayout) -> torch.Tensor:
         layout._cache[key] = (ext, lin)
     ext, lin = layout._cache[key]
     c = feats.shape[1]
-    conv = wrap.conv
+    convs = [w.conv for w in wraps]
     if ext[0] * ext[1] * ext[2] * ext[3] * c > _DENSE_LIMIT:
         _, blk = _sparse_views(layout, feats.device)
-        return conv(blk.replace(feats)).feats
+        parts = feats.chunk(len(convs), dim=1)
+        return torch.cat([cv(blk.replace(x.contiguous())).feats for cv, x in zip(convs, parts)], 1)
     from d3s2.sparse import kernel_to_dense_weight
 
     grid = feats.new_zeros(ext[0] * ext[1] * ext[2] * ext[3], c).index_copy(0, lin, feats)
     grid = grid.view(ext[0], ext[1], ext[2], ext[3], c).permute(0, 4, 1, 2, 3)  # channels-last 3D view
-    w = kernel_to_dense_weight(conv.kernel).to(feats.dtype)
-    b = conv.bias.to(feats.dtype) if conv.bias is not None else None
-    out = F.conv3d(grid, w, b, padding=1)
+    w = torch.cat([kernel_to_dense_weight(cv.kernel) for cv in convs]).to(feats.dtype)
+    b = torch.cat([cv.bias for cv in convs]).to(feats.dtype) if convs[0].bias is not None else None
+    out = F.conv3d(grid, w, b, padding=1, groups=len(convs))
     return out.permute(0, 2, 3, 4, 1).reshape(-1, c).index_select(0, lin)
 
 
@@ -271,17 +290,27 @@ class SpatialSparseAttention(nn.Module):
         cfg = self.config
         n = q.shape[0]
         hkv, d = cfg.num_kv_heads, cfg.head_dim
-        pe = self.intra_block_pe.reshape(-1, hkv * d)
         k_cmp = v_cmp = None
         if "cmp" in cfg.branches or "slc" in cfg.branches:
-            k_cmp = self.compression_key(k_tok + pe[layout.token_pe_index].to(k_tok.dtype), layout).view(-1, hkv, d)
-            v_cmp = self.compression_value(v_tok, layout).view(-1, hkv, d)
+            k_cmp, v_cmp = self.compress(k_tok, v_tok, layout)
         sel = [BRANCHES.index(b) for b in cfg.branches]
         gl = gate_logits[:, sel] if len(sel) < 3 else gate_logits
         return spatial_sparse_attention(
             q, k_tok.view(n, hkv, d), v_tok.view(n, hkv, d), layout, k_cmp=k_cmp, v_cmp=v_cmp, gate_logits=gl,
             top_k=cfg.top_k, branches=cfg.branches, window_shift=window_shift, backend=cfg.backend, inputs_sorted=True,
         )
+
+    def compress(self, k_tok: torch.Tensor, v_tok: torch.Tensor, layout: SSALayout):
+        """Compressed keys and values [Nc, Hkv, D] (Eq. 7): the intra-block PE is added to the keys, then the key and
+        value compression networks (v1.0: both in one pass)."""
+        hkv, d = self.config.num_kv_heads, self.config.head_dim
+        pe = self.intra_block_pe.reshape(-1, hkv * d)
+        k_in = k_tok + pe[layout.token_pe_index].to(k_tok.dtype)
+        if isinstance(self.compression_key, CompressionV10):
+            kv = compress_v10((self.compression_key, self.compression_value), torch.cat([k_in, v_tok], 1), layout)
+            return kv[:, :hkv * d].reshape(-1, hkv, d), kv[:, hkv * d:].reshape(-1, hkv, d)
+        return (self.compression_key(k_in, layout).view(-1, hkv, d),
+                self.compression_value(v_tok, layout).view(-1, hkv, d))
 
     def _full(self, q, k, v, layout: SSALayout):
         """Dense attention inside each sample (SDPA), optionally over 2^3-packed tokens."""

@@ -79,6 +79,9 @@ class SSALayout:
     slc_cmp_start: torch.Tensor  # [Ns] int32 first compression block of each selection block
     slc_cmp_count: torch.Tensor  # [Ns] int32 number of compression blocks inside it
     cmp_per_slc: int  # upper bound of slc_cmp_count ((m_slc / m_cmp)^3 in spatial mode)
+    # [Ns] int32 selection blocks of each sample (same range) by decreasing slc_cmp_count: the scoring kernel scans
+    # them in this order, so that the blocks of one chunk hold about as many compression blocks
+    slc_scan_order: torch.Tensor
     max_slc_tokens: int
     # kernel-facing per-row ranges
     token_cmp_lo: torch.Tensor  # [N] int32 compression blocks of the token's sample
@@ -257,6 +260,8 @@ def build_ssa_layout(
             winv[wperm] = torch.arange(n, device=device)
         windows[shift] = _window_layout(wseg, woff, wperm, winv)
 
+    cmp_per_slc = int(slc_cmp_count.max()) if mode == "nsa" else (m_slc // m_cmp) ** 3
+    slc_scan_order = torch.argsort(slc_sample.long() * (cmp_per_slc + 1) + (cmp_per_slc - slc_cmp_count), stable=True)
     return SSALayout(
         num_tokens=n, batch_size=batch_size, mode=mode, m_cmp=m_cmp, m_slc=m_slc, m_win=m_win,
         perm=None if identity else perm, inverse=None if identity else inverse, sorted_coords=sorted_coords,
@@ -265,7 +270,7 @@ def build_ssa_layout(
         sample_cmp_offsets=sample_cmp_offsets, token_cmp=token_cmp, token_pe_index=token_pe_index,
         slc_offsets=slc_offsets, slc_sample=slc_sample.to(torch.int32), sample_slc_offsets=sample_slc_offsets,
         cmp_slc=cmp_slc, slc_cmp_start=slc_cmp_start.to(torch.int32), slc_cmp_count=slc_cmp_count.to(torch.int32),
-        cmp_per_slc=int(slc_cmp_count.max()) if mode == "nsa" else (m_slc // m_cmp) ** 3,
+        cmp_per_slc=cmp_per_slc, slc_scan_order=slc_scan_order.to(torch.int32),
         max_slc_tokens=int(slc_sizes.max()),
         token_cmp_lo=token_cmp_lo, token_cmp_hi=token_cmp_hi, cmp_token_lo=cmp_token_lo, cmp_token_hi=cmp_token_hi,
         token_slc_lo=token_slc_lo, token_slc_hi=token_slc_hi, windows=windows,

@@ -26,7 +26,7 @@ from d3s2.ops.ssa.kernels.tiles import (
     load_kv,
     softmax_tile,
 )
-from d3s2.ops.ssa.kernels.varlen_attention import LOG2E, _prec, tile_config
+from d3s2.ops.ssa.kernels.varlen_attention import LOG2E, _prec, bwd_delta, tile_config
 from d3s2.ops.ssa.layout import SSALayout
 
 __all__ = ["SelectionAttention", "selection_attention_triton", "invert_block_index"]
@@ -217,8 +217,11 @@ def invert_block_index(block_idx: torch.Tensor, num_slc: int) -> tuple[torch.Ten
     return list_off, list_tok
 
 
-TUNING = {"fwd_tokens": 1, "fwd_block_n": 64, "fwd_warps": 4, "dq_warps": 4, "kv_rows": 128, "kv_block_n": 64, "kv_warps": 4,
-          "max_split": 8, "split_budget_bytes": 512 << 20}
+# Tile sizes, the fastest of the bench/ssa.py sweeps on an H100 (bench/NOTES.md, runs 6-9): the forward and dQ
+# programs hold one token's 16 query heads (16 rows), so one warp and short key tiles keep more of them resident.
+TUNING = {"fwd_tokens": 1, "fwd_block_n": 16, "fwd_warps": 1, "fwd_stages": 2, "dq_block_n": 16, "dq_warps": 1,
+          "kv_rows": 128, "kv_block_n": 64, "kv_warps": 4, "max_split": 8, "split_budget_bytes": 512 << 20,
+          "num_stages": 3}
 
 
 def _list_split(k: torch.Tensor) -> int:
@@ -244,6 +247,7 @@ class SelectionAttention(torch.autograd.Function):
                 q, k, v, block_idx, layout.slc_offsets, o, lse, h, hkv, q.stride(0), q.stride(1), k.stride(0),
                 k.stride(1), o.stride(0), o.stride(1), scale * LOG2E, TOPK=topk, G=g, G_PAD=g_pad,
                 BLOCK_N=TUNING["fwd_block_n"], D=d, PREC=_prec(q), num_warps=TUNING["fwd_warps"],
+                num_stages=TUNING["fwd_stages"],
             )
         else:
             t = triton.next_power_of_2(t)
@@ -251,7 +255,7 @@ class SelectionAttention(torch.autograd.Function):
                 q, k, v, block_idx, layout.slc_offsets, o, lse, n, h, hkv, q.stride(0), q.stride(1), k.stride(0),
                 k.stride(1), o.stride(0), o.stride(1), scale * LOG2E, TOPK=topk,
                 E_PAD=t * triton.next_power_of_2(topk), T=t, G=g, G_PAD=g_pad, BLOCK_N=TUNING["fwd_block_n"], D=d,
-                PREC=_prec(q), num_warps=TUNING["fwd_warps"],
+                PREC=_prec(q), num_warps=TUNING["fwd_warps"], num_stages=TUNING["fwd_stages"],
             )
         ctx.save_for_backward(q, k, v, block_idx, o, lse)
         ctx.layout, ctx.scale = layout, scale
@@ -266,13 +270,14 @@ class SelectionAttention(torch.autograd.Function):
         hkv = k.shape[1]
         g = h // hkv
         topk = block_idx.shape[-1]
-        delta = (do.float() * o.float()).sum(-1)
+        delta = bwd_delta(o, do)
         dq = torch.empty_like(q)
         g_pad = max(16, triton.next_power_of_2(g))
         selection_bwd_dq_kernel[(n, hkv)](
             q, k, v, do, lse, delta, block_idx, lay.slc_offsets, dq, h, hkv, q.stride(0), q.stride(1), k.stride(0),
             k.stride(1), do.stride(0), do.stride(1), scale, scale * LOG2E, TOPK=topk, G=g, G_PAD=g_pad,
-            BLOCK_N=TUNING["fwd_block_n"], D=d, PREC=_prec(q), num_warps=TUNING["dq_warps"],
+            BLOCK_N=TUNING["dq_block_n"], D=d, PREC=_prec(q), num_warps=TUNING["dq_warps"],
+            num_stages=TUNING["num_stages"],
         )
         list_off, list_tok = invert_block_index(block_idx, lay.num_slc)
         split = _list_split(k)
@@ -290,7 +295,7 @@ class SelectionAttention(torch.autograd.Function):
             q, k, v, do, lse, delta, lay.slc_offsets, list_off, list_tok, order, dk, dv, h, lay.num_slc, q.stride(0),
             q.stride(1), k.stride(0), k.stride(1), do.stride(0), do.stride(1), *sdk, scale, scale * LOG2E, split,
             G=g, G_PAD=g_pad2, BLOCK_T=block_t, BLOCK_N=TUNING["kv_block_n"], D=d, PREC=_prec(q),
-            num_warps=TUNING["kv_warps"],
+            num_warps=TUNING["kv_warps"], num_stages=TUNING["num_stages"],
         )
         if split > 1:
             dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)

@@ -80,7 +80,8 @@ def load_grad_rows(Q, DO, LSE, DELTA, tok64, head, row_ok, sq_n, sq_h, sdo_n, sd
 @triton.jit
 def dkdv_tile(q, do, k, v, valid, lse2, delta, dk, dv, scale_log2, PREC: tl.constexpr):
     """Add one query tile's ``dS^T @ Q`` and ``P^T @ dO`` to the key tile's (unscaled) dK, dV; also returns dS in the
-    input dtype (the fused backward turns it into dQ)."""
+    input dtype (the fused backward turns it into dQ). (Computing the transposed scores K Q^T instead, as the
+    FlashAttention-2 backward does, measured 3-17% slower here: bench/NOTES.md, run 8.)"""
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
     p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
     dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)

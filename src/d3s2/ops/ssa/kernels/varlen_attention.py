@@ -182,18 +182,31 @@ def varlen_bwd_fused_kernel(
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=cmask[:, None])
 
 
+@triton.jit
+def bwd_delta_kernel(O, DO, DELTA, n_rows, D: tl.constexpr, BLOCK: tl.constexpr):
+    """delta = rowsum(dO * O) over rows of contiguous [n_rows, D] views (the FlashAttention-2 backward's
+    preprocessing): one read of each operand, fp32 products."""
+    r = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    d = tl.arange(0, D)
+    ok = r < n_rows
+    off = r[:, None] * D + d[None, :]
+    o = tl.load(O + off, mask=ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + off, mask=ok[:, None], other=0.0).to(tl.float32)
+    tl.store(DELTA + r, tl.sum(o * do, axis=1), mask=ok)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # launchers
 
 import torch  # noqa: E402
 
 
-# Tile sizes: the winners of `bench/ssa.py --tune 131072` on an H100 (run 3, bench/results/ssa-run3). Plain data, never
-# read from the environment.
-TUNING = {"fwd_rows": 128, "fwd_block_n": 64, "fwd_warps": 4, "dq_rows": 128, "dq_warps": 8, "kv_rows": 64,
-          "kv_block_n": 64, "kv_warps": 4, "max_split": 16, "programs_per_sm": 8,
+# Tile sizes: the winners of the `bench/ssa.py` sweeps at 131072 tokens on an H100 (bench/NOTES.md, runs 3 and 6-10).
+# Plain data, never read from the environment.
+TUNING = {"fwd_rows": 128, "fwd_block_n": 64, "fwd_warps": 4, "dq_rows": 128, "dq_warps": 8, "kv_rows": 128,
+          "kv_block_n": 64, "kv_warps": 4, "dq_block_n": 64, "max_split": 32, "programs_per_sm": 16,
           # True: one fused backward pass with fp32 atomic dQ (5 matmuls instead of 7, dQ not bitwise reproducible)
-          "dq_atomic": False}
+          "dq_atomic": False, "num_stages": 3}
 
 
 def tile_config(group: int, rows: int = 128) -> tuple[int, int]:
@@ -209,42 +222,61 @@ def _prec(x: torch.Tensor) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
-def varlen_fwd(q, k, v, kv_lo, kv_hi, scale: float):
+def bwd_delta(o: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
+    """rowsum(dO * O) in fp32, shape o.shape[:-1] (replaces ``(do.float() * o.float()).sum(-1)``, whose fp32
+    temporaries cost ~1 ms per branch at 128k tokens)."""
+    o, do = o.contiguous(), do.contiguous()
+    d = o.shape[-1]
+    n_rows = o.numel() // d
+    delta = torch.empty(o.shape[:-1], dtype=torch.float32, device=o.device)
+    if n_rows == 0:
+        return delta
+    block = max(16, 4096 // d)
+    bwd_delta_kernel[(triton.cdiv(n_rows, block),)](o, do, delta, n_rows, D=d, BLOCK=block, num_warps=4)
+    return delta
+
+
+def varlen_fwd(q, k, v, kv_lo, kv_hi, scale: float, tuning: dict | None = None):
+    """(o, lse) of segment attention; ``tuning`` overrides entries of :data:`TUNING` (the window branch has its own)."""
+    tun = TUNING if not tuning else {**TUNING, **tuning}
     n_q, h, d = q.shape
     hkv = k.shape[1]
     g = h // hkv
-    g_pad, block_t = tile_config(g, TUNING["fwd_rows"])
-    block_n, num_warps = TUNING["fwd_block_n"], TUNING["fwd_warps"]
+    g_pad, block_t = tile_config(g, tun["fwd_rows"])
+    block_n, num_warps = tun["fwd_block_n"], tun["fwd_warps"]
     o = torch.empty_like(q)
     lse = torch.empty(n_q, h, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(n_q, block_t), hkv)
     varlen_fwd_kernel[grid](
         q, k, v, o, lse, kv_lo, kv_hi, n_q, h, q.stride(0), q.stride(1), k.stride(0), k.stride(1), o.stride(0),
         o.stride(1), scale * LOG2E, G=g, G_PAD=g_pad, BLOCK_T=block_t, BLOCK_N=block_n, D=d, PREC=_prec(q),
-        num_warps=num_warps,
+        num_warps=num_warps, num_stages=tun["num_stages"],
     )
     return o, lse
 
 
-def varlen_bwd(q, k, v, o, lse, do, kv_lo, kv_hi, q_lo, q_hi, scale: float):
+def varlen_bwd(q, k, v, o, lse, do, kv_lo, kv_hi, q_lo, q_hi, scale: float, tuning: dict | None = None):
+    """(dq, dk, dv): dQ per query tile, dK/dV per key tile (query loop split when key tiles are few), no atomics."""
+    tun = TUNING if not tuning else {**TUNING, **tuning}
     n_q, h, d = q.shape
     n_k, hkv = k.shape[0], k.shape[1]
     g = h // hkv
     do = do.contiguous()
-    delta = (do.float() * o.float()).sum(-1)
-    if TUNING["dq_atomic"]:
-        return _varlen_bwd_fused(q, k, v, do, lse, delta, kv_lo, kv_hi, q_lo, q_hi, scale)
+    delta = bwd_delta(o, do)
+    if tun["dq_atomic"]:
+        return _varlen_bwd_fused(q, k, v, do, lse, delta, kv_lo, kv_hi, q_lo, q_hi, scale, tun)
     dq = torch.empty_like(q)
-    g_pad, block_t = tile_config(g, TUNING["dq_rows"])
+    g_pad, block_t = tile_config(g, tun["dq_rows"])
     varlen_bwd_dq_kernel[(triton.cdiv(n_q, block_t), hkv)](
         q, k, v, do, lse, delta, dq, kv_lo, kv_hi, n_q, h, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         do.stride(0), do.stride(1), scale, scale * LOG2E, G=g, G_PAD=g_pad, BLOCK_T=block_t,
-        BLOCK_N=TUNING["fwd_block_n"], D=d, PREC=_prec(q), num_warps=TUNING["dq_warps"],
+        BLOCK_N=tun["dq_block_n"], D=d, PREC=_prec(q), num_warps=tun["dq_warps"],
+        num_stages=tun["num_stages"],
     )
-    g_pad, block_t = tile_config(g, TUNING["kv_rows"])
-    block_n = TUNING["kv_block_n"]
+    g_pad, block_t = tile_config(g, tun["kv_rows"])
+    block_n = tun["kv_block_n"]
     n_prog = triton.cdiv(n_k, block_n) * hkv
-    split = max(1, min(TUNING["max_split"], triton.cdiv(TUNING["programs_per_sm"] * num_sms(q.device), n_prog)))
+    split = max(1, min(tun["max_split"], triton.cdiv(tun["programs_per_sm"] * num_sms(q.device), n_prog)))
     if split == 1:
         dk, dv = torch.empty_like(k), torch.empty_like(v)
     else:  # few key tiles (compression tokens): split the query loop, fp32 partials, deterministic sum below
@@ -254,20 +286,21 @@ def varlen_bwd(q, k, v, o, lse, do, kv_lo, kv_hi, q_lo, q_hi, scale: float):
     varlen_bwd_dkdv_kernel[(triton.cdiv(n_k, block_n), hkv, split)](
         q, k, v, do, lse, delta, dk, dv, kv_lo, kv_hi, q_lo, q_hi, n_q, n_k, h, q.stride(0), q.stride(1), k.stride(0),
         k.stride(1), do.stride(0), do.stride(1), *sdk, scale, scale * LOG2E, split, G=g, G_PAD=g_pad,
-        BLOCK_T=block_t, BLOCK_N=block_n, D=d, PREC=_prec(q), num_warps=TUNING["kv_warps"],
+        BLOCK_T=block_t, BLOCK_N=block_n, D=d, PREC=_prec(q), num_warps=tun["kv_warps"],
+        num_stages=tun["num_stages"],
     )
     if split > 1:
         dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)
     return dq, dk, dv
 
 
-def _varlen_bwd_fused(q, k, v, do, lse, delta, kv_lo, kv_hi, q_lo, q_hi, scale):
+def _varlen_bwd_fused(q, k, v, do, lse, delta, kv_lo, kv_hi, q_lo, q_hi, scale, tun):
     n_q, h, d = q.shape
     n_k, hkv = k.shape[0], k.shape[1]
-    g_pad, block_t = tile_config(h // hkv, TUNING["kv_rows"])
-    block_n = TUNING["kv_block_n"]
+    g_pad, block_t = tile_config(h // hkv, tun["kv_rows"])
+    block_n = tun["kv_block_n"]
     n_prog = triton.cdiv(n_k, block_n) * hkv
-    split = max(1, min(TUNING["max_split"], triton.cdiv(TUNING["programs_per_sm"] * num_sms(q.device), n_prog)))
+    split = max(1, min(tun["max_split"], triton.cdiv(tun["programs_per_sm"] * num_sms(q.device), n_prog)))
     dqacc = torch.zeros(n_q, h, d, dtype=torch.float32, device=q.device)
     dk = torch.empty(split, *k.shape, dtype=torch.float32, device=k.device)
     dv = torch.empty_like(dk)
@@ -275,7 +308,7 @@ def _varlen_bwd_fused(q, k, v, do, lse, delta, kv_lo, kv_hi, q_lo, q_hi, scale):
         q, k, v, do, lse, delta, dk, dv, dqacc, kv_lo, kv_hi, q_lo, q_hi, n_q, n_k, h, q.stride(0), q.stride(1),
         k.stride(0), k.stride(1), do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dk.stride(2), scale,
         scale * LOG2E, split, G=h // hkv, G_PAD=g_pad, BLOCK_T=block_t, BLOCK_N=block_n, D=d, PREC=_prec(q),
-        num_warps=TUNING["kv_warps"],
+        num_warps=tun["kv_warps"],
     )
     return dqacc.to(q.dtype), dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)
 

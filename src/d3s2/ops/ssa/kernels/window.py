@@ -9,14 +9,18 @@ import torch
 from d3s2.ops.ssa.kernels.varlen_attention import varlen_bwd, varlen_fwd
 from d3s2.ops.ssa.layout import WindowLayout
 
-__all__ = ["WindowAttention", "window_attention_triton"]
+__all__ = ["WindowAttention", "window_attention_triton", "TUNING"]
+
+# Overrides of the segment kernels' tile sizes (varlen_attention.TUNING) for windows: short segments (~100-500
+# tokens) instead of the compression branch's long ones. Plain data, never read from the environment.
+TUNING: dict = {}
 
 
 class WindowAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, win: WindowLayout, scale: float):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        o, lse = varlen_fwd(q, k, v, win.token_lo, win.token_hi, scale)
+        o, lse = varlen_fwd(q, k, v, win.token_lo, win.token_hi, scale, TUNING)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.win, ctx.scale = win, scale
         return o
@@ -25,7 +29,8 @@ class WindowAttention(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
         w = ctx.win
-        dq, dk, dv = varlen_bwd(q, k, v, o, lse, do, w.token_lo, w.token_hi, w.token_lo, w.token_hi, ctx.scale)
+        dq, dk, dv = varlen_bwd(q, k, v, o, lse, do, w.token_lo, w.token_hi, w.token_lo, w.token_hi, ctx.scale,
+                                TUNING)
         return dq, dk, dv, None, None
 
 
