@@ -186,11 +186,11 @@ def ssa_times(coords: torch.Tensor, cfg_name: str, device) -> dict:
 
 
 SWEEP = {
-    # (kernel module, tuning overrides): each variant is timed on the branch it changes, same inputs. Issue 8 run 11:
-    # neighbours of the new compression dK/dV defaults (kv_rows 128, programs_per_sm 16, max_split 32).
-    "cmp": [("varlen", {}), ("varlen", {"kv_rows": 64}), ("varlen", {"programs_per_sm": 8, "max_split": 16}),
-            ("varlen", {"programs_per_sm": 32, "max_split": 64})],
-    "win": [("window", {}), ("window", {"kv_rows": 64})],
+    # (kernel module, tuning overrides): each variant is timed on the branch it changes, same inputs. Issue 8 run 12:
+    # dK/dV tiles inside one segment skip the per-query range masks (skip_ranges, default on).
+    "cmp": [("varlen", {}), ("varlen", {"skip_ranges": False}), ("varlen", {"kv_block_n": 128}),
+            ("varlen", {"kv_block_n": 128, "kv_warps": 8})],
+    "win": [("window", {}), ("window", {"skip_ranges": False})],
 }
 
 

@@ -48,14 +48,17 @@ def ref_fn_grads(fn, ins, do):
     return o, torch.autograd.grad(o, ins32, do.float())
 
 
-@pytest.mark.parametrize("dtype,h,hkv,d,fused", [(torch.float32, 4, 2, 16, False), (torch.float16, 16, 1, 64, False),
-                                                (torch.float32, 4, 2, 16, True)])
-def test_compression_attention(dtype, h, hkv, d, fused, monkeypatch):
-    """fused=True: the one-pass backward with atomic dQ (varlen TUNING["dq_atomic"])."""
+@pytest.mark.parametrize("dtype,h,hkv,d,fused,kv_block_n", [
+    (torch.float32, 4, 2, 16, False, 64), (torch.float16, 16, 1, 64, False, 64), (torch.float32, 4, 2, 16, True, 64),
+    (torch.float32, 4, 2, 16, False, 16)])
+def test_compression_attention(dtype, h, hkv, d, fused, kv_block_n, monkeypatch):
+    """fused=True: the one-pass backward with atomic dQ (varlen TUNING["dq_atomic"]). 16-key dK/dV tiles: most lie
+    inside one sample (the path that skips the per-query range masks), the rest straddle two."""
     from d3s2.ops.ssa.kernels import varlen_attention
     from d3s2.ops.ssa.kernels.compression import compression_attention_triton
 
     monkeypatch.setitem(varlen_attention.TUNING, "dq_atomic", fused)
+    monkeypatch.setitem(varlen_attention.TUNING, "kv_block_n", kv_block_n)
     lay = make_layout()
     q, _, _, kc, vc, do = tensors(lay, h, hkv, d, dtype)
     scale = d ** -0.5
@@ -134,9 +137,15 @@ def test_selection_attention_and_empty_rows(dtype, fwd_tokens, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(g, g2)), "selection backward must be deterministic"
 
 
-@pytest.mark.parametrize("dtype,shift", [(torch.float32, 0), (torch.float32, 2), (torch.float16, 2)])
-def test_window_attention(dtype, shift):
+@pytest.mark.parametrize("dtype,shift,kv_block_n", [(torch.float32, 0, 64), (torch.float32, 2, 64),
+                                                    (torch.float16, 2, 64), (torch.float32, 0, 16)])
+def test_window_attention(dtype, shift, kv_block_n, monkeypatch):
+    """16-key dK/dV tiles with ``skip_ranges`` on: some lie inside one window (range masks skipped), others straddle."""
+    from d3s2.ops.ssa.kernels import window
     from d3s2.ops.ssa.kernels.window import window_attention_triton
+
+    monkeypatch.setitem(window.TUNING, "kv_block_n", kv_block_n)
+    monkeypatch.setitem(window.TUNING, "skip_ranges", kv_block_n == 16)
 
     lay = make_layout()
     q, k, v, _, _, do = tensors(lay, 4, 2, 16, dtype, seed=2)

@@ -125,7 +125,7 @@ def score_topk_kernel(
     tl.store(SCORE + out, score, mask=omask)
 
 
-# Tile choices (bench/ssa.py sweeps on an H100, bench/NOTES.md runs 6-9). rows: query rows (tokens x padded group
+# Tile choices (bench/ssa.py sweeps on an H100, bench/NOTES.md runs 6-10). rows: query rows (tokens x padded group
 # heads) per tile; block_s: selection blocks per chunk; head_dot: head sums as a tensor-core dot (needs >= 16 tokens
 # per tile, so rows is raised to 16 * G_PAD when on). Keys ending in _1 apply when a selection block holds one
 # compression block (v1.1).

@@ -95,7 +95,7 @@ def varlen_bwd_dkdv_kernel(
     n_q, n_k, H, sq_n, sq_h, sk_n, sk_h, sdo_n, sdo_h, sdk_s, sdk_n, sdk_h,
     scale, scale_log2, SPLIT,
     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, SKIP_RANGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -109,6 +109,10 @@ def varlen_bwd_dkdv_kernel(
     qhi = tl.load(Q_HI + cols, mask=cmask, other=0)
     start = tl.min(qlo, axis=0)
     end = tl.max(qhi, axis=0)
+    # all keys of the tile in one segment (one sample's compression blocks, one window): every query of the range
+    # attends every key, so the per-row range loads and compares are skipped (the relation is symmetric)
+    one_seg = (tl.max(tl.where(cmask, qlo, start), axis=0) == start) & (tl.min(tl.where(cmask, qhi, end), axis=0)
+                                                                       == end) & SKIP_RANGES
     # split the query range over program_id(2): partial dK/dV go to their own slice, summed later in a fixed order
     split = tl.program_id(2)
     span = tl.cdiv(tl.cdiv(tl.maximum(end - start, 0), SPLIT), BLOCK_T) * BLOCK_T
@@ -124,9 +128,12 @@ def varlen_bwd_dkdv_kernel(
         row_ok = (tok < end) & (hh < G)
         tok64 = tok.to(tl.int64)
         q, do, lse2, delta = load_grad_rows(Q, DO, LSE, DELTA, tok64, head, row_ok, sq_n, sq_h, sdo_n, sdo_h, H, d)
-        lo = tl.load(KV_LO + tok, mask=tok < end, other=2147483647)
-        hi = tl.load(KV_HI + tok, mask=tok < end, other=0)
-        valid = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None]) & row_ok[:, None] & cmask[None, :]
+        if one_seg:
+            valid = row_ok[:, None] & cmask[None, :]
+        else:
+            lo = tl.load(KV_LO + tok, mask=tok < end, other=2147483647)
+            hi = tl.load(KV_HI + tok, mask=tok < end, other=0)
+            valid = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None]) & row_ok[:, None] & cmask[None, :]
         dk, dv, _ = dkdv_tile(q, do, k, v, valid, lse2, delta, dk, dv, scale_log2, PREC)
     dk = dk * scale
     out = split.to(tl.int64) * sdk_s + cols64[:, None] * sdk_n + kvh * sdk_h + d[None, :]
@@ -206,7 +213,9 @@ import torch  # noqa: E402
 TUNING = {"fwd_rows": 128, "fwd_block_n": 64, "fwd_warps": 4, "dq_rows": 128, "dq_warps": 8, "kv_rows": 128,
           "kv_block_n": 64, "kv_warps": 4, "dq_block_n": 64, "max_split": 32, "programs_per_sm": 16,
           # True: one fused backward pass with fp32 atomic dQ (5 matmuls instead of 7, dQ not bitwise reproducible)
-          "dq_atomic": False, "num_stages": 3}
+          "dq_atomic": False, "num_stages": 3,
+          # dK/dV: key tiles inside one segment skip the per-query range masks
+          "skip_ranges": True}
 
 
 def tile_config(group: int, rows: int = 128) -> tuple[int, int]:
@@ -286,8 +295,8 @@ def varlen_bwd(q, k, v, o, lse, do, kv_lo, kv_hi, q_lo, q_hi, scale: float, tuni
     varlen_bwd_dkdv_kernel[(triton.cdiv(n_k, block_n), hkv, split)](
         q, k, v, do, lse, delta, dk, dv, kv_lo, kv_hi, q_lo, q_hi, n_q, n_k, h, q.stride(0), q.stride(1), k.stride(0),
         k.stride(1), do.stride(0), do.stride(1), *sdk, scale, scale * LOG2E, split, G=g, G_PAD=g_pad,
-        BLOCK_T=block_t, BLOCK_N=block_n, D=d, PREC=_prec(q), num_warps=tun["kv_warps"],
-        num_stages=tun["num_stages"],
+        BLOCK_T=block_t, BLOCK_N=block_n, D=d, PREC=_prec(q), SKIP_RANGES=bool(tun["skip_ranges"]),
+        num_warps=tun["kv_warps"], num_stages=tun["num_stages"],
     )
     if split > 1:
         dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)

@@ -11,9 +11,11 @@ from d3s2.ops.ssa.layout import WindowLayout
 
 __all__ = ["WindowAttention", "window_attention_triton", "TUNING"]
 
-# Overrides of the segment kernels' tile sizes (varlen_attention.TUNING) for windows: short segments (~100-500
-# tokens) instead of the compression branch's long ones. Plain data, never read from the environment.
-TUNING: dict = {}
+# Overrides of the segment kernels' settings (varlen_attention.TUNING) for windows: short segments (~100-500 tokens)
+# instead of the compression branch's long ones. Few 64-key tiles lie inside one window, so the one-segment test of
+# the dK/dV kernel costs more than it saves there (bench/NOTES.md, run 12). Plain data, never read from the
+# environment.
+TUNING: dict = {"skip_ranges": False}
 
 
 class WindowAttention(torch.autograd.Function):
