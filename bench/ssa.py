@@ -186,11 +186,14 @@ def ssa_times(coords: torch.Tensor, cfg_name: str, device) -> dict:
 
 
 SWEEP = {
-    # (kernel module, tuning overrides): each variant is timed on the branch it changes, same inputs. Issue 8 run 12:
-    # dK/dV tiles inside one segment skip the per-query range masks (skip_ranges, default on).
-    "cmp": [("varlen", {}), ("varlen", {"skip_ranges": False}), ("varlen", {"kv_block_n": 128}),
-            ("varlen", {"kv_block_n": 128, "kv_warps": 8})],
-    "win": [("window", {}), ("window", {"skip_ranges": False})],
+    # (kernel module, tuning overrides): each variant is timed on the branch it changes, same inputs. Issue 8 run 14:
+    # dK/dV tile shapes, warps and pipeline depth of the compression and selection backward.
+    "cmp": [("varlen", {}), ("varlen", {"kv_rows": 64, "kv_warps": 8}), ("varlen", {"num_stages": 2}),
+            ("varlen", {"num_stages": 1}), ("varlen", {"kv_block_n": 32}),
+            ("varlen", {"kv_rows": 256, "kv_block_n": 32, "kv_warps": 8}), ("varlen", {"kv_block_n": 32, "kv_warps": 2}),
+            ("varlen", {"kv_rows": 64, "kv_block_n": 32, "kv_warps": 2})],
+    "slc": [("selection", {}), ("selection", {"kv_warps": 2}), ("selection", {"num_stages": 2}),
+            ("selection", {"kv_rows": 64, "kv_warps": 2})],
 }
 
 
