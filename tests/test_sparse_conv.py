@@ -25,9 +25,22 @@ def test_kernel_offsets_follow_torchsparse_order():
     assert kernel_offsets(1).tolist() == [[0, 0, 0]]
 
 
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_kernel_to_dense_weight_places_each_offset(k):
+    """The view-based conversion puts kernel row i at the dense position of offset i (checked by a scatter)."""
+    kernel = torch.randn(k**3, 4, 5)
+    offs = kernel_offsets(k)
+    idx = offs - offs.min(dim=0).values
+    ref = torch.zeros(k, k, k, 5, 4)
+    ref[idx[:, 0], idx[:, 1], idx[:, 2]] = kernel.transpose(1, 2)
+    assert torch.equal(kernel_to_dense_weight(kernel), ref.permute(3, 4, 0, 1, 2))
+
+
 def test_dense_weight_round_trip():
     w = torch.randn(5, 4, 3, 3, 3)
     assert torch.equal(kernel_to_dense_weight(dense_weight_to_kernel(w)), w)
+    w2 = torch.randn(5, 4, 2, 2, 2)
+    assert torch.equal(kernel_to_dense_weight(dense_weight_to_kernel(w2)), w2)
     k = dense_weight_to_kernel(w)
     # offset (x, y, z) = (1, -1, 0) is index z*9 + y*3 + x with shifted coords (1, 0, 2) -> 1*9 + 0*3 + 2
     assert torch.equal(k[1 * 9 + 0 * 3 + 2], w[:, :, 2, 0, 1].t())

@@ -145,8 +145,8 @@ def test_every_launched_kernel_compiles_for_hopper_and_ampere(launches, tmp_path
     names = {e["name"] for e in entries}
     expected = {"varlen_fwd_kernel", "varlen_bwd_dq_kernel", "varlen_bwd_dkdv_kernel", "varlen_bwd_fused_kernel",
                 "score_topk_kernel", "selection_fwd_kernel", "selection_fwd_grouped_kernel", "selection_bwd_dq_kernel",
-                "selection_bwd_dkdv_kernel", "gate_fwd_kernel", "gate_bwd_kernel", "igemm_fwd_kernel",
-                "igemm_wgrad_kernel"}
+                "selection_bwd_dkdv_kernel", "gate_fwd_kernel", "gate_bwd_kernel", "bwd_delta_kernel",
+                "igemm_fwd_kernel", "igemm_wgrad_kernel"}
     assert expected <= names, f"not launched: {expected - names}"
     path = tmp_path / "launches.json"
     path.write_text(json.dumps(entries, default=str))

@@ -178,8 +178,12 @@ def _block_conv3(wraps, feats: torch.Tensor, layout: SSALayout) -> torch.Tensor:
 
     grid = feats.new_zeros(ext[0] * ext[1] * ext[2] * ext[3], c).index_copy(0, lin, feats)
     grid = grid.view(ext[0], ext[1], ext[2], ext[3], c).permute(0, 4, 1, 2, 3)  # channels-last 3D view
-    w = torch.cat([kernel_to_dense_weight(cv.kernel) for cv in convs]).to(feats.dtype)
-    b = torch.cat([cv.bias for cv in convs]).to(feats.dtype) if convs[0].bias is not None else None
+    if len(convs) == 1:
+        w, b = kernel_to_dense_weight(convs[0].kernel.to(feats.dtype)), convs[0].bias
+    else:  # out-channels side by side: the grouped conv's weight
+        w = kernel_to_dense_weight(torch.cat([cv.kernel for cv in convs], 2).to(feats.dtype))
+        b = torch.cat([cv.bias for cv in convs]) if convs[0].bias is not None else None
+    b = b.to(feats.dtype) if b is not None else None
     out = F.conv3d(grid, w, b, padding=1, groups=len(convs))
     return out.permute(0, 2, 3, 4, 1).reshape(-1, c).index_select(0, lin)
 

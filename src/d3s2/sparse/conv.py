@@ -68,13 +68,16 @@ def resolve_conv_backend(backend: str, device: torch.device) -> str:
 
 
 def kernel_to_dense_weight(kernel: torch.Tensor) -> torch.Tensor:
-    """``[K^3, Cin, Cout]`` sparse kernel -> ``[Cout, Cin, k, k, k]`` weight of the equivalent ``F.conv3d``."""
+    """``[K^3, Cin, Cout]`` sparse kernel -> ``[Cout, Cin, k, k, k]`` weight of the equivalent ``F.conv3d``.
+
+    Views and one copy: the offsets (:func:`kernel_offsets`) run over a k^3 grid with z slowest and x fastest for odd
+    k^3, x slowest and z fastest otherwise, so the kernel is that grid reshaped (no scatter: this runs in every
+    forward of the dense-grid convs)."""
     k = round(kernel.shape[0] ** (1 / 3))
-    offs = kernel_offsets(k, device=kernel.device)
-    idx = offs - offs.min(dim=0).values  # position inside the dense kernel
-    dense = kernel.new_zeros(k, k, k, kernel.shape[2], kernel.shape[1])
-    dense[idx[:, 0], idx[:, 1], idx[:, 2]] = kernel.transpose(1, 2)
-    return dense.permute(3, 4, 0, 1, 2).contiguous()
+    grid = kernel.reshape(k, k, k, kernel.shape[1], kernel.shape[2])
+    if (k**3) % 2 == 1:
+        grid = grid.permute(2, 1, 0, 3, 4)  # [z, y, x] -> [x, y, z]
+    return grid.permute(4, 3, 0, 1, 2).contiguous()
 
 
 def dense_weight_to_kernel(weight: torch.Tensor) -> torch.Tensor:

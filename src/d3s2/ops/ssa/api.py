@@ -44,8 +44,10 @@ def mean_pool_blocks(x_sorted: torch.Tensor, layout: SSALayout) -> torch.Tensor:
     flat = x_sorted.reshape(x_sorted.shape[0], -1).float()
     out = torch.zeros(nc, flat.shape[1], dtype=torch.float32, device=x_sorted.device)
     out.index_add_(0, layout.token_cmp, flat)
-    cnt = (layout.cmp_offsets[1:] - layout.cmp_offsets[:-1]).to(torch.float32)
-    return (out / cnt[:, None]).to(x_sorted.dtype).view(nc, *x_sorted.shape[1:])
+    key = ("cmp_inv_count", str(x_sorted.device))
+    if key not in layout._cache:  # once per layout, not per call
+        layout._cache[key] = 1.0 / (layout.cmp_offsets[1:] - layout.cmp_offsets[:-1]).to(torch.float32)[:, None]
+    return (out * layout._cache[key]).to(x_sorted.dtype).view(nc, *x_sorted.shape[1:])
 
 
 def _check(q, k, v, layout: SSALayout, branches):
