@@ -10,7 +10,6 @@ README come from bench/ssa.py (medians over many runs with L2 flushes); these ar
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 

@@ -134,13 +134,8 @@ def _group_norm(norms, x: torch.Tensor, offsets: list[int]) -> torch.Tensor:
     """GroupNorm per sample over its rows (what SparseGroupNorm computes), through F.group_norm on [1, C, n_b]
     views: one fused kernel per sample instead of row scatters, whose backward is slow at 100k+ rows. Several norms
     (same eps) act on consecutive channel slices of ``x``."""
-    if len(norms) == 1:
-        groups, weight, bias = norms[0].num_groups, norms[0].weight, norms[0].bias
-    else:
-        groups = sum(n.num_groups for n in norms)
-        weight = torch.cat([n.weight for n in norms]) if norms[0].weight is not None else None
-        bias = torch.cat([n.bias for n in norms]) if norms[0].bias is not None else None
-    eps = norms[0].eps
+    groups = sum(n.num_groups for n in norms)
+    weight, bias, eps = _side_by_side([n.weight for n in norms]), _side_by_side([n.bias for n in norms]), norms[0].eps
     outs = []
     for b in range(len(offsets) - 1):
         xb = x[offsets[b]:offsets[b + 1]]
@@ -150,6 +145,14 @@ def _group_norm(norms, x: torch.Tensor, offsets: list[int]) -> torch.Tensor:
         yb = F.group_norm(xb.t().unsqueeze(0), groups, weight, bias, eps)
         outs.append(yb[0].t())
     return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _side_by_side(params: list, dim: int = 0):
+    """Parameters of several networks concatenated along ``dim`` (the one tensor itself for one network, no copy;
+    None when the networks have none)."""
+    if params[0] is None:
+        return None
+    return params[0] if len(params) == 1 else torch.cat(params, dim)
 
 
 _DENSE_LIMIT = 1 << 27  # cells x channels of the dense block grid, above which the sparse conv is used
@@ -178,11 +181,9 @@ def _block_conv3(wraps, feats: torch.Tensor, layout: SSALayout) -> torch.Tensor:
 
     grid = feats.new_zeros(ext[0] * ext[1] * ext[2] * ext[3], c).index_copy(0, lin, feats)
     grid = grid.view(ext[0], ext[1], ext[2], ext[3], c).permute(0, 4, 1, 2, 3)  # channels-last 3D view
-    if len(convs) == 1:
-        w, b = kernel_to_dense_weight(convs[0].kernel.to(feats.dtype)), convs[0].bias
-    else:  # out-channels side by side: the grouped conv's weight
-        w = kernel_to_dense_weight(torch.cat([cv.kernel for cv in convs], 2).to(feats.dtype))
-        b = torch.cat([cv.bias for cv in convs]) if convs[0].bias is not None else None
+    # out-channels side by side: the grouped conv's weight
+    w = kernel_to_dense_weight(_side_by_side([cv.kernel for cv in convs], dim=2).to(feats.dtype))
+    b = _side_by_side([cv.bias for cv in convs])
     b = b.to(feats.dtype) if b is not None else None
     out = F.conv3d(grid, w, b, padding=1, groups=len(convs))
     return out.permute(0, 2, 3, 4, 1).reshape(-1, c).index_select(0, lin)
