@@ -1,4 +1,4 @@
-"""CUDA-graph replay of the sparse stages' guided model call (d3s2.pipelines.cuda_graph, _GuidedSparse).
+"""CUDA-graph replay of the sparse stages' guided model call (d3s2.nn.cuda_graph, d3s2.flow.guidance).
 
 On a CPU the wrapper must stay a plain call; on a GPU the SS-DiT forward must be capturable (no host sync, no
 host-to-device copy inside it) and replaying the graph must give the eager sampler's latent.
@@ -12,8 +12,8 @@ import torch
 from d3s2.config import load_model_config
 from d3s2.flow.sampler import sample_euler
 from d3s2.models.ss_dit import SSDiT
-from d3s2.pipelines.cuda_graph import GraphedCall
-from d3s2.pipelines.image_to_3d import _GuidedSparse
+from d3s2.nn.cuda_graph import GraphedCall
+from d3s2.flow.guidance import BatchedSparseGuidance
 from d3s2.sparse import SparseTensor
 
 
@@ -62,7 +62,7 @@ def test_graph_replay_matches_eager_sampling(version, monkeypatch):
     outs = {}
     with torch.no_grad():
         for graphs in (False, True):
-            guided = _GuidedSparse(model, x, cond, uncond, 5.0, {}, cuda_graphs=graphs)
+            guided = BatchedSparseGuidance(model, x, cond, uncond, 5.0, {}, cuda_graphs=graphs)
             outs[graphs] = sample_euler(guided, x, cond, None, steps=5, cfg_scale=1.0, shift=3.0).feats
             assert guided.call.captured == graphs, guided.call.failed
     assert torch.isfinite(outs[True]).all()

@@ -137,6 +137,7 @@ class DenseDiT(nn.Module):
 OFFICIAL_KEY_MAP: dict[str, str] = {}
 
 
-def load_official_state_dict(model: DenseDiT, state_dict: dict[str, torch.Tensor], key_map=None, strict: bool = True):
+def load_official_state_dict(model: DenseDiT, state_dict: dict[str, torch.Tensor], key_map=None, strict: bool = True,
+                             assign: bool = False):
     """Load the authors' ``torch.load(model_dense.ckpt)["dit"]`` after :data:`OFFICIAL_KEY_MAP` renames."""
-    return _load(model, state_dict, OFFICIAL_KEY_MAP if key_map is None else key_map, strict=strict)
+    return _load(model, state_dict, OFFICIAL_KEY_MAP if key_map is None else key_map, strict=strict, assign=assign)

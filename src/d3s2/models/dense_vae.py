@@ -259,9 +259,12 @@ def remap_state_dict(state_dict: dict[str, torch.Tensor], key_map: dict[str, str
 
 
 def load_official_state_dict(
-    model: nn.Module, state_dict: dict[str, torch.Tensor], key_map: dict[str, str] | None = None, strict: bool = True
+    model: nn.Module, state_dict: dict[str, torch.Tensor], key_map: dict[str, str] | None = None, strict: bool = True,
+    assign: bool = False,
 ):
-    """Load an authors' state dict (e.g. ``torch.load(ckpt)["vae"]``) after applying ``key_map`` renames."""
+    """Load an authors' state dict (e.g. ``torch.load(ckpt)["vae"]``) after applying ``key_map`` renames.
+    ``assign=True`` makes the checkpoint's tensors the model's parameters (no copy; for models built on the meta
+    device)."""
     sd = remap_state_dict(state_dict, OFFICIAL_KEY_MAP if key_map is None else key_map)
     if strict:
         own = set(model.state_dict())
@@ -272,8 +275,18 @@ def load_official_state_dict(
                 f"{missing[:3]}), {len(unexpected)} unexpected keys (first: {unexpected[:3]}); check the config, "
                 "or fill the model's OFFICIAL_KEY_MAP"
             )
+    if strict:
+        own = model.state_dict()
+        # torchsparse stores 1x1x1 kernels as [Cin, Cout]; d3s2's SparseConv3d reshapes them on load
+        bad = [k for k in own if tuple(own[k].shape) != tuple(sd[k].shape)
+               and not (k.endswith("kernel") and tuple(own[k].shape) == (1, *sd[k].shape))]
+        if bad:
+            k = bad[0]
+            raise D3S2Error(f"checkpoint does not match {type(model).__name__}: {len(bad)} tensors differ in shape "
+                            f"(first: {k} is {list(sd[k].shape)} in the checkpoint, {list(own[k].shape)} in the "
+                            "model); check the config")
     try:
-        return model.load_state_dict(sd, strict=strict)
+        return model.load_state_dict(sd, strict=strict, assign=assign)
     except RuntimeError as exc:  # shape mismatches
         msg = " ".join(str(exc).split())
         raise D3S2Error(f"checkpoint does not match {type(model).__name__}: {msg[:400]}") from exc

@@ -17,10 +17,10 @@ tensor's coordinate cache, so every sampling step (``x.replace(new_feats)``) reu
 the layout's order (sample, 8^3 selection block, compression sub-block, voxel), the release's "8^3 block then position"
 order; the output is returned in the caller's order.
 
-Unverified against the released weights: biases of the cross-attention projections (``qkv_bias``), the order of
-APE and Linear in ``cond_proj`` (default: Eq. 9, Linear applied to tokens + PE;
-``cond_pe_after_proj`` switches), and the final non-affine LayerNorm
-(as in the dense DiT). :data:`OFFICIAL_KEY_MAP` takes renames if a real checkpoint shows different keys.
+The release's key layout (read off the authors' classes, shared/reference/official_state_dict_keys.json) loads strictly
+through :func:`load_official_state_dict`; the release computes ``cond_proj(tokens) + PE(coords)`` for v1.0
+(``cond_pe_after_proj: true`` in the configs built from a release folder, see :mod:`d3s2.pipelines.release_config`),
+d3s2's own models may use Eq. 9's order (Linear of tokens + PE).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from d3s2.nn.blocks import ModulatedTransformerCrossBlock, cached_ragged_rows, i
 from d3s2.nn.embeddings import AbsolutePositionEmbedder, TimestepEmbedder
 from d3s2.nn.ssa import SSAConfig, SpatialSparseAttention
 
-__all__ = ["SSDiTConfig", "SSDiT", "OFFICIAL_KEY_MAP", "load_official_state_dict"]
+__all__ = ["SSDiTConfig", "SSDiT", "OFFICIAL_KEY_MAP", "remap_official_keys", "load_official_state_dict"]
 
 
 @dataclass
@@ -67,6 +67,8 @@ class SSDiTConfig:
     ssa_mode: str = "ssa"  # "ssa" | "nsa" | "full" (ablations, Sec. 6.1)
     ssa_norm_groups: int = 32
     ssa_backend: str = "auto"
+    pool_divisor: str = "count"  # SSA block mean: "count" | "count_plus_one" (the release, see d3s2.sparse.pool)
+    cmp_skip: str = "features"  # v1.0 compression skip: "features" | "input" (the release)
     # Sparse conditioning (Eq. 9, v1.0): cond_proj + APE of the condition-token coordinates
     sparse_conditioning: bool = False
     cond_pe_after_proj: bool = False  # False: Eq. 9, Linear(tokens + PE); True: Linear(tokens) + PE (unverified)
@@ -85,7 +87,7 @@ class SSDiTConfig:
         return SSAConfig(dim=self.model_channels, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                          head_dim=self.head_dim, version=self.version, m_cmp=self.m_cmp, m_slc=self.m_slc,
                          m_win=self.m_win, top_k=self.top_k, mode=self.ssa_mode, norm_groups=self.ssa_norm_groups,
-                         backend=self.ssa_backend)
+                         backend=self.ssa_backend, pool_divisor=self.pool_divisor, cmp_skip=self.cmp_skip)
 
 
 class SSDiT(nn.Module):
@@ -204,9 +206,36 @@ class SSDiT(nn.Module):
         return x.replace(layout.from_sorted(self.out_layer(h)))
 
 
-OFFICIAL_KEY_MAP: dict[str, str] = {}
+# The release's SSA compression networks are torchsparse Sequentials (``act_layers`` / ``out_layers`` indices); d3s2
+# names their layers. Renames per version, applied inside ``compression_key.`` / ``compression_value.`` only.
+OFFICIAL_KEY_MAP: dict[str, dict[str, str]] = {
+    "v1.0": {"act_layers.0.": "norm1.", "out_layers.0.": "conv1.", "out_layers.1.": "norm2.", "out_layers.3.": "conv2."},
+    "v1.1": {"act_layers.0.": "conv."},
+}
 
 
-def load_official_state_dict(model: SSDiT, state_dict: dict[str, torch.Tensor], key_map=None, strict: bool = True):
-    """Load the authors' ``torch.load(model_sparse_{512,1024}.ckpt)["dit"]`` after :data:`OFFICIAL_KEY_MAP` renames."""
-    return _load(model, state_dict, OFFICIAL_KEY_MAP if key_map is None else key_map, strict=strict)
+def remap_official_keys(state_dict: dict[str, torch.Tensor], version: str) -> dict[str, torch.Tensor]:
+    """The release's SS-DiT keys -> d3s2's (see :data:`OFFICIAL_KEY_MAP`)."""
+    renames = OFFICIAL_KEY_MAP[version]
+    out = {}
+    for key, value in state_dict.items():
+        for net in (".compression_key.", ".compression_value."):
+            i = key.find(net)
+            if i < 0:
+                continue
+            head, tail = key[:i + len(net)], key[i + len(net):]
+            for old, new in renames.items():
+                if tail.startswith(old):
+                    key = head + new + tail[len(old):]
+                    break
+            break
+        out[key] = value
+    return out
+
+
+def load_official_state_dict(model: SSDiT, state_dict: dict[str, torch.Tensor], key_map=None, strict: bool = True,
+                             assign: bool = False):
+    """Load the authors' ``torch.load(model_sparse_{512,1024}.ckpt)["dit"]`` (renames of :data:`OFFICIAL_KEY_MAP` for
+    the model's version; ``key_map``: extra prefix renames)."""
+    sd = remap_official_keys(state_dict, model.config.version)
+    return _load(model, sd, key_map or {}, strict=strict, assign=assign)

@@ -62,6 +62,7 @@ class SSVAEConfig:
     mlp_ratio: float = 4.0
     window: int = 8
     num_groups: int = 32
+    pool_divisor: str = "count"  # encoder mean pooling: "count" | "count_plus_one" (the release, d3s2.sparse.pool)
     qkv_bias: bool = True
     pe_factor: float = 1.0
     decoder_out_norm: bool = False
@@ -124,7 +125,8 @@ class SSVAEEncoder(nn.Module):
         super().__init__()
         ch = cfg.encoder_channels
         self.input_layer1 = SparseLinear(1, ch[0])
-        self.downsample = nn.ModuleList(SparseDownBlock3d(a, b, cfg.num_groups) for a, b in zip(ch[:-1], ch[1:]))
+        self.downsample = nn.ModuleList(SparseDownBlock3d(a, b, cfg.num_groups, cfg.pool_divisor)
+                                        for a, b in zip(ch[:-1], ch[1:]))
         self.input_layer = SparseLinear(ch[-1], cfg.model_channels)
         self.pos_embedder = AbsolutePositionEmbedder(cfg.model_channels, 3, cfg.pe_factor)
         self.blocks = _blocks(cfg, cfg.num_encoder_blocks)
@@ -270,7 +272,8 @@ class SSVAE(nn.Module):
 OFFICIAL_KEY_MAP: dict[str, str] = {}
 
 
-def load_official_state_dict(model: SSVAE, state_dict: dict[str, torch.Tensor], key_map=None, strict: bool = True):
+def load_official_state_dict(model: SSVAE, state_dict: dict[str, torch.Tensor], key_map=None, strict: bool = True,
+                             assign: bool = False):
     """Load the authors' ``torch.load(model_sparse_512.ckpt)["vae"]`` after :data:`OFFICIAL_KEY_MAP` renames
     (torchsparse 1x1 kernels ``[Cin, Cout]`` are reshaped by ``SparseConv3d`` on load)."""
-    return _load(model, state_dict, OFFICIAL_KEY_MAP if key_map is None else key_map, strict=strict)
+    return _load(model, state_dict, OFFICIAL_KEY_MAP if key_map is None else key_map, strict=strict, assign=assign)

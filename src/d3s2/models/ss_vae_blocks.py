@@ -41,9 +41,10 @@ class TorchsparseConv(nn.Module):
 class SparseDownBlock3d(nn.Module):
     """Residual down-sampling block of the encoder: ``in_channels`` at R -> ``out_channels`` at R/2."""
 
-    def __init__(self, in_channels: int, out_channels: int, num_groups: int = 32) -> None:
+    def __init__(self, in_channels: int, out_channels: int, num_groups: int = 32, pool_divisor: str = "count") -> None:
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
+        self.pool_divisor = pool_divisor  # "count_plus_one": the release's mean (see d3s2.sparse.pool)
         self.act_layers = nn.Sequential(SparseGroupNorm(num_groups, in_channels), SparseSiLU())
         self.out_layers = nn.Sequential(
             TorchsparseConv(in_channels, out_channels, 3),
@@ -55,8 +56,8 @@ class SparseDownBlock3d(nn.Module):
 
     def forward(self, x: SparseTensor) -> SparseTensor:
         # The skip reads the pooled *input* (not the normalised features), as the release describes.
-        h = sparse_mean_pool(self.act_layers(x), 2)
-        x = sparse_mean_pool(x, 2)
+        h = sparse_mean_pool(self.act_layers(x), 2, self.pool_divisor)
+        x = sparse_mean_pool(x, 2, self.pool_divisor)
         return self.out_layers(h) + self.skip_connection(x)
 
 

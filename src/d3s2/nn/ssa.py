@@ -6,13 +6,16 @@ Parameter names follow the authors' release (shared/reference/official-release.m
 block (Eq. 7); ``gate.0`` Linear(C, 3, no bias) + sigmoid per branch; out = g0*cmp + g1*slc + g2*win, then proj_o.
 No positional encoding inside attention.
 
-Compression networks (the delta of Eq. 7), per the release notes:
-* v1.0: GroupNorm-SiLU -> mean-pool to the m_cmp^3 blocks -> conv3-GN-SiLU-conv3 on the block grid, plus the pooled
-  input as skip;
+Compression networks (the delta of Eq. 7):
+* v1.0: GroupNorm-SiLU -> mean-pool to the m_cmp^3 blocks -> conv3-GN-SiLU-conv3 on the block grid, plus a skip:
+  the pooled raw input (``cmp_skip="input"``, the release) or the pooled GroupNorm-SiLU features (``"features"``,
+  what d3s2's own v1.0-shaped models were trained with);
 * v1.1: 1x1 conv + SiLU per token, then mean-pool to the blocks.
-The inner parameter names of these two networks are not in the reference notes (unverified): we use
-``norm1``/``conv1``/``norm2``/``conv2`` (v1.0) and ``conv`` (v1.1), sparse convs wrapped as ``.conv`` so their keys
-read ``<module>.conv.kernel`` like torchsparse's.
+``pool_divisor``: the block mean divides by the token count n (``"count"``) or by n + 1 (``"count_plus_one"``, the
+release's ``scatter_reduce`` mean; see :mod:`d3s2.sparse.pool`). The release's configs set the release's values.
+Parameter names inside these networks are d3s2's (``norm1``/``conv1``/``norm2``/``conv2`` for v1.0, ``conv`` for
+v1.1, sparse convs wrapped as ``.conv``); ``d3s2.models.ss_dit.OFFICIAL_KEY_MAP`` renames the release's
+``act_layers`` / ``out_layers`` indices to them.
 
 A layout (:func:`SpatialSparseAttention.make_layout`) is built once per token set and passed to every call.
 """
@@ -29,6 +32,7 @@ from torch import nn
 
 from d3s2.errors import D3S2Error
 from d3s2.ops.ssa import BRANCHES, SSALayout, build_ssa_layout, mean_pool_blocks, spatial_sparse_attention
+from d3s2.sparse.pool import POOL_DIVISORS
 
 __all__ = ["SSAConfig", "SpatialSparseAttention", "pack_tokens", "unpack_tokens"]
 
@@ -52,6 +56,8 @@ class SSAConfig:
     full_pack: int = 1
     norm_groups: int = 32
     backend: str = "auto"
+    pool_divisor: str = "count"  # "count" | "count_plus_one" (the release)
+    cmp_skip: str = "features"  # v1.0 compression skip: "features" | "input" (the release)
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -74,6 +80,10 @@ class SSAConfig:
             raise D3S2Error(f"SSA mode must be 'ssa', 'nsa' or 'full', got {self.mode!r}")
         if self.full_pack not in (1, 2):
             raise D3S2Error(f"full_pack must be 1 or 2, got {self.full_pack}")
+        if self.pool_divisor not in POOL_DIVISORS:
+            raise D3S2Error(f"SSA pool_divisor must be one of {', '.join(POOL_DIVISORS)}, got {self.pool_divisor!r}")
+        if self.cmp_skip not in ("features", "input"):
+            raise D3S2Error(f"SSA cmp_skip must be 'features' or 'input', got {self.cmp_skip!r}")
         bad = [b for b in self.branches if b not in BRANCHES]
         if bad or not self.branches:
             raise D3S2Error(f"branches must be a non-empty subset of {BRANCHES}, got {self.branches}")
@@ -95,10 +105,11 @@ class _ConvWrap(nn.Module):
 class CompressionV10(nn.Module):
     """GN-SiLU -> mean-pool to compression blocks -> conv3-GN-SiLU-conv3 on the block grid, + pooled skip."""
 
-    def __init__(self, channels: int, groups: int):
+    def __init__(self, channels: int, groups: int, pool_divisor: str = "count", skip: str = "features"):
         super().__init__()
         from d3s2.sparse import SparseGroupNorm
 
+        self.pool_divisor, self.skip = pool_divisor, skip
         self.norm1 = SparseGroupNorm(groups, channels)
         self.conv1 = _ConvWrap(channels, channels, 3)
         self.norm2 = SparseGroupNorm(groups, channels)
@@ -112,13 +123,15 @@ def compress_v10(nets: Sequence[CompressionV10], feats_sorted: torch.Tensor, lay
     """Run several v1.0 compression networks at once on their inputs placed side by side in the channels
     ([N, len(nets) * C] -> [Nc, len(nets) * C]): each GroupNorm group and each grouped conv3 sees only its own
     network's channels, so the result equals running them one by one, with a fraction of the kernel launches (the
-    key and value networks of a layer run together; the launches dominate at small token counts)."""
+    key and value networks of a layer run together; the launches dominate at small token counts). The networks share
+    their pooling divisor and skip."""
+    divisor, skip = nets[0].pool_divisor, nets[0].skip
     h = F.silu(_group_norm([n.norm1 for n in nets], feats_sorted, _host_offsets(layout, "token")))
-    pooled = mean_pool_blocks(h, layout)
+    pooled = mean_pool_blocks(h, layout, divisor)
     y = _block_conv3([n.conv1 for n in nets], pooled, layout)
     y = F.silu(_group_norm([n.norm2 for n in nets], y, _host_offsets(layout, "cmp")))
     y = _block_conv3([n.conv2 for n in nets], y, layout)
-    return y + pooled
+    return y + (mean_pool_blocks(feats_sorted, layout, divisor) if skip == "input" else pooled)
 
 
 def _host_offsets(layout: SSALayout, kind: str) -> list[int]:
@@ -192,8 +205,9 @@ def _block_conv3(wraps, feats: torch.Tensor, layout: SSALayout) -> torch.Tensor:
 class CompressionV11(nn.Module):
     """1x1 conv + SiLU per token, then mean-pool to compression blocks."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, pool_divisor: str = "count"):
         super().__init__()
+        self.pool_divisor = pool_divisor
         self.conv = _ConvWrap(channels, channels, 1)
 
     def forward(self, feats_sorted: torch.Tensor, layout: SSALayout) -> torch.Tensor:
@@ -201,7 +215,7 @@ class CompressionV11(nn.Module):
         w = self.conv.conv.kernel[0].to(feats_sorted.dtype)
         b = self.conv.conv.bias
         h = feats_sorted @ w + (b.to(feats_sorted.dtype) if b is not None else 0)
-        return mean_pool_blocks(F.silu(h), layout)
+        return mean_pool_blocks(F.silu(h), layout, self.pool_divisor)
 
 
 def _sparse_views(layout: SSALayout, device):
@@ -257,11 +271,11 @@ class SpatialSparseAttention(nn.Module):
             self.intra_block_pe = nn.Parameter(torch.zeros(cfg.m_cmp, cfg.m_cmp, cfg.m_cmp, kvc))
             nn.init.normal_(self.intra_block_pe, std=0.02)
             if cfg.version == "v1.0" and cfg.mode == "ssa":
-                self.compression_key = CompressionV10(kvc, cfg.norm_groups)
-                self.compression_value = CompressionV10(kvc, cfg.norm_groups)
+                self.compression_key = CompressionV10(kvc, cfg.norm_groups, cfg.pool_divisor, cfg.cmp_skip)
+                self.compression_value = CompressionV10(kvc, cfg.norm_groups, cfg.pool_divisor, cfg.cmp_skip)
             else:  # v1.1, and the NSA ablation (1D blocks have no 3D grid for a conv3)
-                self.compression_key = CompressionV11(kvc)
-                self.compression_value = CompressionV11(kvc)
+                self.compression_key = CompressionV11(kvc, cfg.pool_divisor)
+                self.compression_value = CompressionV11(kvc, cfg.pool_divisor)
             self.gate = nn.Sequential(nn.Linear(cfg.dim, 3, bias=False))
 
     def make_layout(self, coords: torch.Tensor, batch_size: int | None = None) -> SSALayout:

@@ -84,6 +84,19 @@ class PipelineSettings:
     # sparse stages with batched guidance: replay each step's model call from a CUDA graph (None: on CUDA). The token
     # set is fixed within a stage, so the graph is captured once per stage; launch overhead dominates at 512^3.
     cuda_graphs: bool | None = None
+    # the release's computations where they differ from d3s2's (release folders set them; see pipelines/official.py)
+    band: str = "d3s2"  # 1024 token set: "d3s2" | "release" (renormalised mesh, grid points i/(R-1)), token_band.py
+    surface: str = "d3s2"  # absent voxels in marching cubes: "d3s2" (no cell) | "release" (value 1.0, vertex g/R*2-1)
+    marching_cubes: str = "lorensen"  # "lorensen" (vectorised, any device) | "lewiner" (skimage's triangles, CPU)
+    preprocess: str = "d3s2"  # image framing: "d3s2" | "release" (pipelines/preprocess.py)
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("band", ("d3s2", "release")), ("surface", ("d3s2", "release")),
+                              ("marching_cubes", ("lorensen", "lewiner")), ("preprocess", ("d3s2", "release"))):
+            if getattr(self, name) not in allowed:
+                raise D3S2Error(f"settings.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.marching_cubes == "lewiner" and self.surface != "release":
+            raise D3S2Error("settings.marching_cubes 'lewiner' needs surface 'release' (a value for absent voxels)")
 
 
 @dataclass
@@ -172,88 +185,10 @@ def latent_shell_coords(coords: np.ndarray | torch.Tensor, factor: int = 8, batc
     return torch.cat([torch.full((len(lat), 1), batch, dtype=torch.int64), lat], 1).to(torch.int32)
 
 
+from d3s2.pipelines.token_band import band_queries as _band_queries  # noqa: E402
+from d3s2.pipelines.token_band import latent_band_coords  # noqa: E402
+
 _LOW_VRAM_WORKSPACE = 10 << 30  # activations of the 1024 stage besides the weights (see bench/pipeline.py)
-
-
-def _band_queries(vertices: np.ndarray, faces: np.ndarray, device: torch.device):
-    """``distance(points float64 [N, 3] tensor, upper_bound) -> float64 [N]`` (inf at or beyond the bound) on
-    ``device``: warp's BVH on CUDA when warp-lang is installed (points never leave the GPU), libigl otherwise."""
-    if device.type == "cuda":
-        try:
-            import warp  # noqa: F401
-        except ImportError:
-            warp = None
-        if warp is not None:
-            from d3s2.data.backends import WarpQueries
-
-            try:
-                # distances only: neither the pseudo-normal nor the (lazy) winding-number tables are built
-                q = WarpQueries(vertices, faces, device=str(device))
-                q.closest_torch(torch.zeros(1, 3, dtype=torch.float64, device=device), upper_bound=1.0)  # probe
-                return lambda p, ub: q.closest_torch(p, upper_bound=ub)[0], device
-            except Exception as exc:  # noqa: BLE001 - a broken warp install must not stop the pipeline
-                import warnings
-
-                warnings.warn(f"warp queries failed on {device} ({type(exc).__name__}: {exc}); the 1024 band "
-                              "falls back to libigl on the CPU", stacklevel=2)
-    from d3s2.data.backends import CpuQueries
-
-    q = CpuQueries(vertices, faces)
-    return lambda p, ub: torch.from_numpy(q.unsigned_distance(p.cpu().numpy(), upper_bound=ub)), torch.device("cpu")
-
-
-def latent_band_coords(vertices, faces, resolution: int, tau: float, factor: int = 8,
-                       device: str | torch.device = "cpu", batch: int = 0, queries=None) -> torch.Tensor:
-    """Latent cells ``[M, 4]`` int32 (batch, x, y, z) = unique ``coords // factor`` of the voxels of a
-    ``resolution^3`` grid over [-1, 1]^3 whose centre has unsigned distance ``< tau`` to the mesh: the 1024-stage token
-    set of the release recipe (band of the 512 mesh, tau = 4/1024, // 8), equal to
-    ``latent_shell_coords(unsigned_band(mesh, resolution, tau)[0], factor)``.
-
-    Octree over cells of ``2^L`` voxels as in :func:`d3s2.data.sdf.narrow_band` (a cell whose centre lies at
-    ``d >= tau + r_L`` holds no band voxel), kept as torch tensors on the query device. Latent cells are decided
-    early: at the latent level a cell whose centre has ``d < tau - sqrt(3)/2 h`` has a voxel centre (at most
-    ``sqrt(3)/2 h`` away) inside the band, so only the other candidate cells descend to single voxels. No dense grid.
-    ``queries``: the ``_band_queries(vertices, faces, device)`` pair, when the caller built (and timed) it already."""
-    import math
-
-    from d3s2.data.sdf import _CHILD, _top_level
-
-    dev = torch.device(device)
-    v = np.asarray(vertices, dtype=np.float64).reshape(-1, 3)
-    f = np.asarray(faces, dtype=np.int64).reshape(-1, 3)
-    if len(f) == 0:
-        return torch.zeros(0, 4, dtype=torch.int32, device=dev)
-    distance, qdev = queries if queries is not None else _band_queries(v, f, dev)
-    h = 2.0 / resolution
-    latent_level = int(round(math.log2(factor)))
-    if 1 << latent_level != factor:
-        raise D3S2Error(f"latent factor must be a power of two, got {factor}")
-    top = max(latent_level, _top_level(resolution))  # the octree's coarsest level, as in narrow_band
-    n_top = -(-resolution // (1 << top))
-    g = torch.arange(n_top, dtype=torch.int64, device=qdev)
-    cells = torch.stack(torch.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3)
-    child = torch.from_numpy(_CHILD).to(qdev)
-    done: list[torch.Tensor] = []
-    for level in range(top, -1, -1):
-        size = 1 << level
-        radius = math.sqrt(3.0) * (size - 1) / 2.0 * h
-        centres = -1.0 + (cells.to(torch.float64) + 0.5) * (size * h)
-        bound = tau + radius
-        d = distance(centres, bound * (1 + 1e-9) + 1e-12).to(qdev)
-        if level == 0:
-            done.append(torch.div(cells[d < tau], factor, rounding_mode="floor"))
-            break
-        keep = d < bound * (1 + 1e-9) + 1e-12
-        if level == latent_level:
-            sure = d < tau - math.sqrt(3.0) / 2.0 * h - 1e-12
-            done.append(cells[sure])
-            keep &= ~sure
-        cells = cells[keep]
-        children = (cells[:, None, :] * 2 + child[None]).reshape(-1, 3)
-        cells = children[(children * (size // 2) < resolution).all(dim=1)]
-    lat = torch.unique(torch.cat(done), dim=0) if done else torch.zeros(0, 3, dtype=torch.int64, device=qdev)
-    out = torch.cat([torch.full((len(lat), 1), batch, dtype=torch.int64, device=qdev), lat], 1).to(torch.int32)
-    return out.to(dev)
 
 
 def decode_sparse_chunked(vae, z, chunk: int | None = None, halo: int = 3):
@@ -301,53 +236,19 @@ def decode_sparse_chunked(vae, z, chunk: int | None = None, halo: int = 3):
                         h.resolution * factor if h.resolution is not None else None)
 
 
-class _GuidedSparse:
-    """Classifier-free guidance of a sparse latent in ONE model call: the latent is stacked twice (samples ``b..2b-1``
-    get the unconditional tokens) and ``v = v_u + scale * (v_c - v_u)``. At the 512 stage's ~10k tokens the SSA
-    kernels are launch-bound, so one call on 2N tokens costs far less than two calls on N. The stacked tensor keeps
-    one coordinate cache, so the SSA layout is built once for all steps."""
-
-    def __init__(self, model: Callable, x, cond: torch.Tensor, uncond: torch.Tensor, scale: float,
-                 kwargs: dict, cuda_graphs: bool = False) -> None:
-        from d3s2.pipelines.cuda_graph import GraphedCall
-        from d3s2.sparse import SparseTensor
-
-        b = int(x.batch_size)
-        shifted = x.coords.clone()
-        shifted[:, 0] += b
-        self.model, self.scale, self.n = model, float(scale), x.num_voxels
-        self.x2 = SparseTensor(torch.cat([x.feats, x.feats]), torch.cat([x.coords, shifted]), batch_size=2 * b,
-                               resolution=x.resolution, stride=x.stride)
-        self.cond2 = torch.cat([cond, uncond])
-        self.kwargs = {k: (torch.cat([v, v]) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
-        self.call = GraphedCall(self._run, enabled=cuda_graphs)
-
-    def _run(self, feats2: torch.Tensor, t2: torch.Tensor) -> torch.Tensor:
-        out = self.model(self.x2.replace(feats2), t2, self.cond2, **self.kwargs)
-        return out.feats if hasattr(out, "feats") else out
-
-    def __call__(self, x, t, cond, **kwargs):
-        f = x.feats
-        v = self.call(torch.cat([f, f]), torch.cat([t, t])).float()
-        v_c, v_u = v[: self.n], v[self.n:]
-        return x.replace(v_u + self.scale * (v_c - v_u))
-
-
 class _Bar:
-    """A tqdm bar per stage that counts model calls (wraps the model given to the sampler)."""
+    """A tqdm bar per stage that counts sampling steps (``sample_euler``'s ``step_callback``)."""
 
-    def __init__(self, model: Callable, total: int, desc: str, enabled: bool):
-        self.model, self.bar = model, None
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.bar = None
         if enabled:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, desc=desc, leave=False)
 
-    def __call__(self, *args, **kwargs):
-        out = self.model(*args, **kwargs)
+    def __call__(self, step: int) -> None:
         if self.bar is not None:
             self.bar.update(1)
-        return out
 
     def close(self):
         if self.bar is not None:
@@ -659,9 +560,9 @@ class ImageTo3DPipeline:
 
         defaults = {"dense_dit": (50, 6.0), "ss_dit_512": (30, 6.0), "ss_dit_1024": (15, 8.0)}[name]
         base = self.samplers.get(name) or SamplerConfig(steps=defaults[0], cfg_scale=7.0, shift=defaults[1])
-        return SamplerConfig(steps=steps if steps is not None else base.steps,
-                             cfg_scale=cfg if cfg is not None else base.cfg_scale,
-                             shift=shift if shift is not None else base.shift, t_scale=base.t_scale)
+        return dataclasses.replace(base, steps=steps if steps is not None else base.steps,
+                                   cfg_scale=cfg if cfg is not None else base.cfg_scale,
+                                   shift=shift if shift is not None else base.shift)
 
     def _randn(self, shape, generator, dtype=torch.float32) -> torch.Tensor:
         # Noise is drawn on the CPU so that a seed gives the same result on any device.
@@ -669,28 +570,21 @@ class ImageTo3DPipeline:
 
     def _sample(self, name, model, noise, cond, uncond, cfg, kwargs, progress, desc):
         from d3s2.flow.latents import is_sparse
-        from d3s2.flow.sampler import sample_euler
+        from d3s2.flow.sampler import is_guided, sample_euler
 
-        guided = cfg.cfg_scale != 1.0
+        guided = is_guided(cfg.cfg_scale)
         batch_cfg = self.settings.batch_cfg
         if batch_cfg is None:
-            batch_cfg = self.device.type == "cuda"
-        if guided and is_sparse(noise) and batch_cfg:
-            graphs = self.settings.cuda_graphs
-            if graphs is None:
-                graphs = self.device.type == "cuda"
-            model = _GuidedSparse(model, noise, cond, uncond, cfg.cfg_scale, kwargs, cuda_graphs=graphs)
-            bar = _Bar(model, cfg.steps, desc, progress)
-            try:
-                return sample_euler(bar, noise, cond, None, steps=cfg.steps, cfg_scale=1.0, shift=cfg.shift,
-                                    t_scale=cfg.t_scale, model_kwargs={})
-            finally:
-                bar.close()
-        calls = cfg.steps * (2 if guided and is_sparse(noise) else 1)
-        bar = _Bar(model, calls, desc, progress)
+            batch_cfg = self.device.type == "cuda" or not is_sparse(noise)
+        graphs = self.settings.cuda_graphs
+        if graphs is None:
+            graphs = self.device.type == "cuda"
+        bar = _Bar(cfg.steps, desc, progress)
         try:
-            return sample_euler(bar, noise, cond, uncond, steps=cfg.steps, cfg_scale=cfg.cfg_scale, shift=cfg.shift,
-                                t_scale=cfg.t_scale, model_kwargs=kwargs)
+            return sample_euler(model, noise, cond, uncond if guided else None, steps=cfg.steps,
+                                cfg_scale=cfg.cfg_scale, shift=cfg.shift, t_scale=cfg.t_scale, batch_cfg=batch_cfg,
+                                model_kwargs=kwargs, schedule=cfg.schedule, state_dtype=cfg.state_dtype,
+                                model_dtype=self.dtype, cuda_graphs=graphs and is_sparse(noise), step_callback=bar)
         finally:
             bar.close()
 
@@ -701,7 +595,8 @@ class ImageTo3DPipeline:
 
         size = self.models["image_encoder"].config.image_size
         return torch.stack([preprocess_image(im, size=size, pad=self.settings.image_pad,
-                                             background_remover=self.background_remover) for im in images])
+                                             background_remover=self.background_remover,
+                                             mode=self.settings.preprocess) for im in images])
 
     @torch.no_grad()
     def _condition(self, pixels: torch.Tensor):
@@ -719,13 +614,15 @@ class ImageTo3DPipeline:
         return out
 
     @torch.no_grad()
-    def _structure(self, cond, generator, steps, cfg, shift, progress, hook=None) -> torch.Tensor:
+    def _structure(self, cond, generator, steps, cfg, shift, progress, hook=None, noise_hook=None) -> torch.Tensor:
         from d3s2.models.dense_vae import occupancy_to_coords
 
         dit_cfg = self.models["dense_dit"].config
         b = cond["dense"].shape[0]
         r = dit_cfg.resolution
-        noise = self._randn((b, dit_cfg.in_channels, r, r, r), generator)  # fp32 latent, cast inside the model
+        shape = (b, dit_cfg.in_channels, r, r, r)
+        noise = (self._randn(shape, generator) if noise_hook is None  # fp32 latent, cast inside the model
+                 else torch.as_tensor(noise_hook("dense", shape)).to(self.device, torch.float32))
         sc = self.sampler_config("dense_dit", steps, cfg, shift)
         with self._use("dense_dit") as (dit,):
             tokens = cond["dense"].to(self.dtype)
@@ -748,13 +645,14 @@ class ImageTo3DPipeline:
 
     @torch.no_grad()
     def _sparse(self, stage: str, coords: torch.Tensor, b: int, cond, generator, steps, cfg, shift, progress,
-                chunk: int | None, hook=None):
+                chunk: int | None, hook=None, noise_hook=None):
         from d3s2.sparse import SparseTensor
 
         dit_name, vae_name = f"ss_dit_{stage}", f"ss_vae_{stage}"
         dit_cfg = self.models[dit_name].config
         coords = coords.to(self.device, torch.int32)
-        noise = self._randn((coords.shape[0], dit_cfg.in_channels), generator)  # fp32 latent
+        noise = (self._randn((coords.shape[0], dit_cfg.in_channels), generator) if noise_hook is None  # fp32 latent
+                 else torch.as_tensor(noise_hook(stage, coords)).to(self.device, torch.float32))
         x = SparseTensor(noise, coords, batch_size=b)
         sc = self.sampler_config(dit_name, steps, cfg, shift)
         if stage in cond:  # sparse conditioning (v1.0)
@@ -780,16 +678,15 @@ class ImageTo3DPipeline:
     def _meshes(self, decoded, b: int, resolution: int, level: float) -> list:
         import trimesh
 
-        from d3s2.geometry.marching_cubes import sparse_marching_cubes
-
         from d3s2.geometry.cleanup import vertex_normals
+        from d3s2.pipelines.surface import extract_surface
 
         out = []
         for i in range(b):
             with self._part("marching_cubes"):
                 sel = decoded.coords[:, 0] == i
-                verts, faces = sparse_marching_cubes(decoded.coords[sel, 1:], decoded.feats[sel, 0].float(),
-                                                     resolution, level, world=True)
+                verts, faces = extract_surface(decoded.coords[sel, 1:], decoded.feats[sel, 0].float(), resolution,
+                                               level, self.settings)
             if len(faces) == 0:
                 raise D3S2Error(f"image {i}: the decoded SDF has no surface at level {level} at "
                                 f"{resolution}^3; try another seed")
@@ -801,17 +698,22 @@ class ImageTo3DPipeline:
         return out
 
     def _band_coords(self, meshes: list, resolution: int) -> torch.Tensor:
-        """Latent coordinates of the 1024 stage: the unsigned band (``band_voxels / R``) of each 512 mesh, ``// 8``
-        (:func:`latent_band_coords`: GPU octree on CUDA with warp-lang, libigl on the CPU)."""
+        """Latent coordinates of the 1024 stage from each 512 mesh (:mod:`d3s2.pipelines.token_band`: GPU octree on
+        CUDA with warp-lang, libigl on the CPU; ``settings.band`` picks d3s2's or the release's rule)."""
+        from d3s2.pipelines.token_band import RELEASE_BAND_VOXELS, release_band_mesh
+
         factor = self.models["ss_vae_1024"].cfg.downsample_factor
+        release = self.settings.band == "release"
         parts = []
         for i, mesh in enumerate(meshes):
+            v = release_band_mesh(mesh.vertices) if release else np.asarray(mesh.vertices, dtype=np.float64)
+            f = np.asarray(mesh.faces, dtype=np.int64)
+            tau = RELEASE_BAND_VOXELS / resolution if release else self.settings.band_voxels / resolution
             with self._part("band_bvh"):
-                queries = _band_queries(np.asarray(mesh.vertices, dtype=np.float64),
-                                        np.asarray(mesh.faces, dtype=np.int64), self.device)
+                queries = _band_queries(v, f, self.device)
             with self._part("band"):
-                lat = latent_band_coords(mesh.vertices, mesh.faces, resolution, self.settings.band_voxels / resolution,
-                                         factor, device=self.device, batch=i, queries=queries)
+                lat = latent_band_coords(v, f, resolution, tau, factor, device=self.device, batch=i, queries=queries,
+                                         rule=self.settings.band)
             del queries
             if len(lat) == 0:
                 raise D3S2Error(f"image {i}: the 512 mesh has no band voxels at {resolution}^3")
@@ -837,8 +739,10 @@ class ImageTo3DPipeline:
         result: ``"structure"``: ``fn(coords [N, 4]) -> coords`` after the structure stage; ``"decoded"``:
         ``fn(stage "512" | "1024", decoded SparseTensor) -> SparseTensor`` after each SS-VAE decode (e.g. a real
         mesh's SDF on the decoded voxels, so that marching cubes, the 1024 band and clean-up see a real surface);
-        their time is reported as the part ``hook``. Per-stage seconds and peak GPU bytes (and ``parts``):
-        :attr:`last_stats` and each mesh's ``metadata["d3s2_stats"]``."""
+        their time is reported as the part ``hook``; ``"noise"``: ``fn("dense", shape)`` / ``fn("512" | "1024",
+        coords [N, 4])`` -> the initial noise (the parity harness injects the same noise into the authors' pipeline).
+        Per-stage seconds and peak GPU bytes (and ``parts``): :attr:`last_stats` and each mesh's
+        ``metadata["d3s2_stats"]``."""
         images = list(image) if isinstance(image, (list, tuple)) else [image]
         if not images:
             raise D3S2Error("no images given")
@@ -847,9 +751,9 @@ class ImageTo3DPipeline:
         if resolution == 1024 and "ss_dit_1024" not in self.models:
             raise D3S2Error("this pipeline has no 1024 stage (ss_vae_1024 / ss_dit_1024); use resolution=512")
         hooks = dict(hooks or {})
-        unknown = set(hooks) - {"structure", "decoded"}
+        unknown = set(hooks) - {"structure", "decoded", "noise"}
         if unknown:
-            raise D3S2Error(f"unknown hook(s) {sorted(unknown)} (valid: structure, decoded)")
+            raise D3S2Error(f"unknown hook(s) {sorted(unknown)} (valid: structure, decoded, noise)")
         if generator is None:
             generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
 
@@ -865,7 +769,7 @@ class ImageTo3DPipeline:
         if structure_coords is None:
             coords = self._stage("structure", stats, self._structure, cond, generator,
                                  per(num_inference_steps, "dense"), per(guidance_scale, "dense"), per(shift, "dense"),
-                                 progress, hooks.get("structure"))
+                                 progress, hooks.get("structure"), hooks.get("noise"))
         else:
             coords = torch.as_tensor(structure_coords).to(torch.int32)
             if coords.ndim != 2 or coords.shape[1] != 4 or coords.shape[0] == 0:
@@ -878,7 +782,7 @@ class ImageTo3DPipeline:
         def stage512():
             dec = self._sparse("512", coords, b, cond, generator, per(num_inference_steps, "512"),
                                per(guidance_scale, "512"), per(shift, "512"), progress,
-                               self.settings.decode_chunk, hooks.get("decoded"))
+                               self.settings.decode_chunk, hooks.get("decoded"), hooks.get("noise"))
             return self._meshes(dec, b, r512, self.settings.mc_level_512)
 
         meshes = self._stage("sparse_512", stats, stage512)
@@ -889,7 +793,7 @@ class ImageTo3DPipeline:
                 c = self._band_coords(meshes, r1024)
                 dec = self._sparse("1024", c, b, cond, generator, per(num_inference_steps, "1024"),
                                    per(guidance_scale, "1024"), per(shift, "1024"), progress,
-                                   self.settings.decode_chunk, hooks.get("decoded"))
+                                   self.settings.decode_chunk, hooks.get("decoded"), hooks.get("noise"))
                 return self._meshes(dec, b, r1024, self.settings.mc_level_1024)
 
             meshes = self._stage("sparse_1024", stats, stage1024)

@@ -1,13 +1,16 @@
 """Loader for the authors' release of Direct3D-S2 (layout in shared/reference/official-release.md).
 
-A release folder (``direct3d-s2-v-1-0/`` or ``direct3d-s2-v-1-1/``) holds ``config.yaml`` and ``model_dense.ckpt``
-(``{"vae", "dit"}``: dense structure VAE / DiT), ``model_sparse_512.ckpt`` and ``model_sparse_1024.ckpt`` (``{"vae",
-"dit"}``: SS-VAE / SS-DiT), and refiner checkpoints that d3s2 does not use. Checkpoints are read with
-``torch.load(weights_only=True)`` only, then renamed through each model's ``OFFICIAL_KEY_MAP``
-(``load_official_state_dict``, strict); torchsparse's ``[Cin, Cout]`` 1x1 kernels are reshaped by ``SparseConv3d``.
+A release folder (``direct3d-s2-v-1-0/`` or ``direct3d-s2-v-1-1/``, any name) holds ``config.yaml`` and
+``model_dense.ckpt`` (``{"vae", "dit"}``: dense structure VAE / DiT), ``model_sparse_512.ckpt`` and
+``model_sparse_1024.ckpt`` (``{"vae", "dit"}``: SS-VAE / SS-DiT) and the refiners ``model_refiner.ckpt`` /
+``model_refiner_1024.ckpt`` (``{"refiner"}``). Checkpoints are read with ``torch.load(weights_only=True)`` only.
 
-The architectures come from d3s2's shipped configs for the version (``*_v1*.yaml``), not from ``config.yaml``'s
-``target:`` classes (they name the authors' code); ``config.yaml`` only has to exist and name the components.
+:func:`load_release` returns the components: the d3s2 configs come from ``config.yaml``'s params
+(:mod:`d3s2.pipelines.release_config`: version from the SS-DiT's params, every parameter translated or checked), each
+model is built without initialising its weights (:mod:`d3s2.models.loading`) and loaded strictly through its
+``load_official_state_dict`` (the release's key layout; a mismatch names the file and the first differing keys), and
+the settings are the release's recipe (diffusers' sampler grid, the renormalised 1024 token band, dense-grid
+marching-cubes semantics, the release's preprocessing, fp16). :func:`load_official_pipeline` builds the pipeline.
 The DINOv2 encoder is not part of the release: its weights come from ``encoder_weights`` or the caches searched by
 :func:`d3s2.models.image_encoder.find_dinov2_weights`.
 
@@ -18,27 +21,34 @@ only (nothing is downloaded at run time); when they are not there the error list
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from d3s2.errors import D3S2Error
 
-__all__ = ["OFFICIAL_REPO", "OFFICIAL_FILES", "resolve_official_folder", "official_component_specs",
-           "load_official_pipeline", "read_checkpoint"]
+__all__ = ["OFFICIAL_REPO", "OFFICIAL_FILES", "ReleaseComponents", "resolve_official_folder", "load_release",
+           "load_official_pipeline", "read_checkpoint", "release_settings"]
 
 OFFICIAL_REPO = "wushuang98/Direct3D-S2"
 DEFAULT_SUBFOLDER = "direct3d-s2-v-1-1"
-OFFICIAL_FILES = ("config.yaml", "model_dense.ckpt", "model_sparse_512.ckpt", "model_sparse_1024.ckpt")
+OFFICIAL_FILES = ("config.yaml", "model_dense.ckpt", "model_sparse_512.ckpt", "model_sparse_1024.ckpt",
+                  "model_refiner.ckpt", "model_refiner_1024.ckpt")
+# checkpoint file -> (dict key, component) for the stages d3s2 builds from a release folder
+_CHECKPOINTS = {
+    "model_dense.ckpt": (("vae", "dense_vae"), ("dit", "dense_dit")),
+    "model_sparse_512.ckpt": (("vae", "ss_vae_512"), ("dit", "ss_dit_512")),
+    "model_sparse_1024.ckpt": (("vae", "ss_vae_1024"), ("dit", "ss_dit_1024")),
+}
 
 
 def _missing_files_message(where: str, subfolder: str) -> str:
     files = ", ".join(OFFICIAL_FILES)
     return (f"{where}: the authors' weights are not available offline; download {files} from "
             f"https://huggingface.co/{OFFICIAL_REPO}/tree/main/{subfolder} into one folder (e.g. "
-            f"./{subfolder}/) and pass that folder (model_sparse_1024.ckpt is only needed for --resolution 1024)")
+            f"./{subfolder}/) and pass that folder (the *_1024.ckpt files are only needed for --resolution 1024)")
 
 
 def resolve_official_folder(path_or_id: str | os.PathLike) -> Path:
@@ -65,7 +75,7 @@ def resolve_official_folder(path_or_id: str | os.PathLike) -> Path:
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """``torch.load(weights_only=True)`` with one-line errors."""
     if not path.is_file():
-        raise D3S2Error(f"missing checkpoint {path} (the authors' release folder needs {', '.join(OFFICIAL_FILES)})")
+        raise D3S2Error(f"missing checkpoint {path} (the authors' release folder holds {', '.join(OFFICIAL_FILES)})")
     try:
         ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -76,80 +86,98 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return ckpt
 
 
-def _version(folder: Path, config: dict, version: str | None) -> str:
-    if version is not None:
-        if version not in ("v1.0", "v1.1"):
-            raise D3S2Error(f"version must be 'v1.0' or 'v1.1', got {version!r}")
-        return version
-    name = folder.name.lower()
-    if "v-1-0" in name or "v1.0" in name or "v1_0" in name:
-        return "v1.0"
-    text = yaml.safe_dump(config.get("sparse_dit_512", {})).lower()
-    return "v1.0" if "sparse_cond" in text or "cond_proj" in text else "v1.1"
+def release_settings(decode_chunk_1024: int | None = None):
+    """The release's recipe as :class:`~d3s2.pipelines.image_to_3d.PipelineSettings`: occupancy >= 0.1, marching
+    cubes at 0.2 (1024) / 0.4 (512, on the refiner's output) with the dense-grid semantics, the renormalised 1024 token
+    band, the release's image preprocessing."""
+    from d3s2.pipelines.image_to_3d import PipelineSettings
+
+    return PipelineSettings(occupancy_threshold=0.1, mc_level_512=0.4, mc_level_1024=0.2, band="release",
+                            surface="release", marching_cubes="lewiner", preprocess="release",
+                            decode_chunk=decode_chunk_1024 if decode_chunk_1024 is not None else 64)
 
 
-def official_component_specs(version: str) -> dict[str, str]:
-    """d3s2 config names of each component of a release version."""
-    tag = version.replace(".", "_")
-    return {"dense_vae": "dense_vae_v1", "dense_dit": "dense_dit_v1", "ss_vae_512": "ss_vae_v1",
-            "ss_dit_512": f"ss_dit_{tag}_512", "ss_vae_1024": "ss_vae_v1_1024", "ss_dit_1024": f"ss_dit_{tag}_1024"}
+@dataclass
+class ReleaseComponents:
+    """What :func:`load_release` read: the folder, its version, the loaded models (``dense_vae``, ``dense_dit``,
+    ``ss_vae_512``, ``ss_dit_512``, optionally ``ss_vae_1024``, ``ss_dit_1024``), their configs, the samplers and the
+    release's settings."""
+
+    folder: Path
+    version: str
+    models: dict[str, torch.nn.Module]
+    configs: dict[str, tuple[str, Any]]
+    samplers: dict[str, Any]
+    settings: Any
+    dtype: torch.dtype = torch.float16
+    files: dict[str, Path] = field(default_factory=dict)
 
 
-def load_official_pipeline(path_or_id: str | os.PathLike, device=None, dtype=None, low_vram=None, *,
-                           version: str | None = None, components: dict[str, Any] | None = None,
-                           image_encoder: Any = None, encoder_weights: str | os.PathLike | None = None,
-                           **kwargs):
-    """Build an :class:`~d3s2.pipelines.image_to_3d.ImageTo3DPipeline` from the authors' release.
-
-    ``components``: per-component config overrides (names or specs as in ``pipeline.yaml``; tests use the tiny
-    configs). ``image_encoder``: a ready encoder module (else the DINOv2 ViT-L/14-reg with ``encoder_weights``)."""
+def load_release(path_or_id: str | os.PathLike, *, version: str | None = None, resolution: int = 1024
+                 ) -> ReleaseComponents:
+    """Read a release folder (see the module docstring). ``version``: ``"v1.0"`` / ``"v1.1"`` to insist on one (an
+    error if the folder holds the other). ``resolution``: 512 skips the 1024 stage's files. The models stay where the
+    checkpoint tensors are (CPU, in the stored dtype)."""
     from d3s2.models import dense_dit, dense_vae, ss_dit, ss_vae
-    from d3s2.models.image_encoder import DINOv2Encoder
-    from d3s2.pipelines.image_to_3d import ImageTo3DPipeline, PipelineSettings, _model_class, _parse_component
+    from d3s2.models.loading import empty_weights, load_into_empty
+    from d3s2.pipelines.image_to_3d import _model_class
+    from d3s2.pipelines.release_config import load_release_yaml, read_release_config
 
+    if resolution not in (512, 1024):
+        raise D3S2Error(f"resolution must be 512 or 1024, got {resolution}")
     folder = resolve_official_folder(path_or_id)
     cfg_path = folder / "config.yaml"
     if not cfg_path.is_file():
         raise D3S2Error(f"{folder}: no config.yaml: not an authors' release folder ({', '.join(OFFICIAL_FILES)})")
-    try:
-        config = yaml.safe_load(cfg_path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise D3S2Error(f"{cfg_path}: not valid YAML") from exc
-    if not isinstance(config, dict) or "dense_dit" not in config:
-        raise D3S2Error(f"{cfg_path}: expected the release's config (keys dense_vae, dense_dit, sparse_vae_512, ...)")
-    ver = _version(folder, config, version)
-    specs: dict[str, Any] = dict(official_component_specs(ver))
-    specs.update(components or {})
-    has_1024 = (folder / "model_sparse_1024.ckpt").is_file()
-    if not has_1024:
-        specs.pop("ss_vae_1024", None)
-        specs.pop("ss_dit_1024", None)
-    comps = {n: _parse_component(n, s, cfg_path.name) for n, s in specs.items()}
+    raw = load_release_yaml(cfg_path)
+    with_1024 = resolution == 1024 and (folder / "model_sparse_1024.ckpt").is_file()
+    rel = read_release_config(raw, cfg_path.name, with_1024=with_1024)
+    if version is not None and version != rel.version:
+        raise D3S2Error(f"{folder}: asked for release {version}, but its config.yaml describes {rel.version}")
     loaders = {"dense_vae": dense_vae.load_official_state_dict, "dense_dit": dense_dit.load_official_state_dict,
                "ss_vae": ss_vae.load_official_state_dict, "ss_dit": ss_dit.load_official_state_dict}
-    files = {"dense": "model_dense.ckpt", "512": "model_sparse_512.ckpt", "1024": "model_sparse_1024.ckpt"}
     models: dict[str, torch.nn.Module] = {}
-    for stage, (vae_name, dit_name) in {"dense": ("dense_vae", "dense_dit"), "512": ("ss_vae_512", "ss_dit_512"),
-                                        "1024": ("ss_vae_1024", "ss_dit_1024")}.items():
-        if vae_name not in comps:
+    files: dict[str, Path] = {}
+    for fname, entries in _CHECKPOINTS.items():
+        if not all(name in rel.models for _, name in entries):
             continue
-        ckpt_path = folder / files[stage]
-        ckpt = read_checkpoint(ckpt_path)
-        for key, name in (("vae", vae_name), ("dit", dit_name)):
+        path = folder / fname
+        ckpt = read_checkpoint(path)
+        for key, name in entries:
             if key not in ckpt:
-                raise D3S2Error(f"{ckpt_path}: no '{key}' state dict (found keys: {', '.join(map(str, ckpt))})")
-            model = _model_class(comps[name].model)(comps[name].params)
+                raise D3S2Error(f"{path}: no '{key}' state dict (found keys: {', '.join(map(str, ckpt))})")
+            kind, cfg = rel.models[name]
+            with empty_weights():
+                model = _model_class(kind)(cfg)
             try:
-                loaders[comps[name].model](model, ckpt[key], strict=True)
+                load_into_empty(model, ckpt[key], loaders[kind])
             except D3S2Error as exc:
-                raise D3S2Error(f"{ckpt_path} [{key}]: {exc}") from exc
-            models[name] = model.float()
+                raise D3S2Error(f"{path} [{key}]: {exc}") from exc
+            models[name] = model
+            files[name] = path
         del ckpt
+    settings = release_settings(rel.decode_chunk_1024)
+    return ReleaseComponents(folder=folder, version=rel.version, models=models, configs=rel.models,
+                             samplers=rel.samplers, settings=settings, files=files)
+
+
+def load_official_pipeline(path_or_id: str | os.PathLike, device=None, dtype=None, low_vram=None, *,
+                           version: str | None = None, resolution: int = 1024, image_encoder: Any = None,
+                           encoder_weights: str | os.PathLike | None = None, **kwargs):
+    """Build an :class:`~d3s2.pipelines.image_to_3d.ImageTo3DPipeline` from the authors' release (fp16 on CUDA as the
+    release, fp32 on the CPU, unless ``dtype`` says otherwise). ``image_encoder``: a ready encoder module (else the DINOv2 ViT-L/14-reg with
+    ``encoder_weights``)."""
+    from d3s2.models.image_encoder import DINOv2Encoder
+    from d3s2.pipelines.image_to_3d import ImageTo3DPipeline, _Component
+
+    rel = load_release(path_or_id, version=version, resolution=resolution)
+    models = dict(rel.models)
     if image_encoder is None:
         image_encoder = DINOv2Encoder(weights=encoder_weights, load_weights=True)
     models["image_encoder"] = image_encoder
-    samplers = {n: c.sampler for n, c in comps.items() if c.sampler is not None}
-    # the release: MC at 0.2 at 1024; no refiner here, so the 512 SDF is taken at its zero level
-    settings = PipelineSettings(mc_level_512=0.0, mc_level_1024=0.2)
-    return ImageTo3DPipeline(models, samplers, settings, device=device, dtype=dtype, low_vram=low_vram,
+    comps = {n: _Component(kind, cfg, rel.samplers.get(n)) for n, (kind, cfg) in rel.configs.items() if n in models}
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype is None:  # the release's fp16 on CUDA; CPU kernels are slow (or missing) in fp16
+        dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    return ImageTo3DPipeline(models, rel.samplers, rel.settings, device=dev, dtype=dtype, low_vram=low_vram,
                              component_configs=comps, **kwargs)

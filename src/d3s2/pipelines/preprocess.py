@@ -9,6 +9,12 @@ only works on plain backgrounds. Then: crop to the mask's bounding box, composit
 
 Grayscale / palette / 16-bit / CMYK images are converted to RGB(A); images larger than ``max_input_size`` on a side are
 downscaled first (memory and time of the segmentation). An empty mask raises :class:`~d3s2.errors.D3S2Error`.
+
+Two framings (``mode``): ``"d3s2"`` (:func:`frame_object`: float math, antialiased bilinear resizes of RGB and mask
+alike) and ``"release"`` (:func:`release_frame`: the authors' ``preprocess_image`` step by step: the RGBA array is
+cropped to ``alpha > 0`` (the whole image when that covers under 0.1 % of it), composited on white in float64 and
+truncated to uint8, padded to a square, resized with PIL's BILINEAR filter (mask: NEAREST), padded 16 px, resized
+again; the release's weights were trained on that distribution).
 """
 
 from __future__ import annotations
@@ -23,7 +29,10 @@ import torch.nn.functional as F
 
 from d3s2.errors import D3S2Error
 
-__all__ = ["load_image", "preprocess_image", "frame_object", "border_color_mask", "RELEASE_SIZE", "RELEASE_PAD"]
+__all__ = ["load_image", "preprocess_image", "frame_object", "release_frame", "border_color_mask", "RELEASE_SIZE",
+           "RELEASE_PAD", "PREPROCESS_MODES"]
+
+PREPROCESS_MODES = ("d3s2", "release")
 
 RELEASE_SIZE = 518
 RELEASE_PAD = 16
@@ -111,11 +120,15 @@ def preprocess_image(
     background_remover: Callable | None = None,
     max_input_size: int = 2048,
     source: str | None = None,
+    mode: str = "d3s2",
 ) -> torch.Tensor:
     """One image -> ``[4, size, size]`` float in [0, 1] (RGB composited on white + mask), see module docstring.
 
     ``pad``: margin after the first resize (default 16 px at 518, scaled with ``size``). ``background_remover``:
-    ``f(PIL RGB image) -> PIL RGBA / L image or [H, W] mask``, used when the image has no usable alpha."""
+    ``f(PIL RGB image) -> PIL RGBA / L image or [H, W] mask``, used when the image has no usable alpha. ``mode``:
+    ``"d3s2"`` or ``"release"`` framing."""
+    if mode not in PREPROCESS_MODES:
+        raise D3S2Error(f"preprocess mode must be one of {', '.join(PREPROCESS_MODES)}, got {mode!r}")
     name = source or (os.fspath(image) if isinstance(image, (str, os.PathLike)) else "image")
     img = load_image(image, max_input_size)
     arr = np.asarray(img, dtype=np.float32) / 255.0
@@ -134,8 +147,48 @@ def preprocess_image(
     if not (mask > 0).any():
         raise D3S2Error(f"{name}: the foreground mask is empty (alpha is 0 everywhere or no object found); "
                         "give an image with the object visible and a transparent or plain background")
+    if mode == "release":
+        alpha = np.asarray(img.getchannel("A"), dtype=np.uint8) if img.mode == "RGBA" and arr[..., 3].min() < 1.0 \
+            else (np.clip(mask, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        rgba = np.concatenate([np.asarray(img.convert("RGB"), dtype=np.uint8), alpha[..., None]], axis=-1)
+        return release_frame(rgba, size, RELEASE_PAD if pad is None else pad)
     x = torch.from_numpy(np.concatenate([rgb, mask[..., None]], axis=-1)).permute(2, 0, 1).contiguous()
     return frame_object(x, size, pad)
+
+
+def release_frame(rgba: np.ndarray, size: int = RELEASE_SIZE, pad: int = RELEASE_PAD) -> torch.Tensor:
+    """The release's framing of a uint8 RGBA array ``[H, W, 4]`` -> ``[4, size, size]`` (module docstring)."""
+    from PIL import Image
+
+    a = np.asarray(rgba)
+    if a.dtype != np.uint8 or a.ndim != 3 or a.shape[-1] != 4:
+        raise D3S2Error(f"release framing needs a uint8 RGBA array [H, W, 4], got {a.dtype} {a.shape}")
+    h, w = a.shape[:2]
+    fg = a[..., 3] > 0
+    if fg.sum() >= h * w * 0.001:
+        rows, cols = np.nonzero(fg)
+        a = a[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    f = a / 255.0
+    alpha = f[..., 3:]
+    rgb = Image.fromarray(((f[..., :3] * alpha + (1 - alpha)) * 255).astype(np.uint8))
+    mask = Image.fromarray((f[..., 3] * 255).astype(np.uint8))
+    h, w = a.shape[:2]
+    side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
+
+    def padded(im, amount_lt, side_w, side_h, fill):
+        out = Image.new(im.mode, (side_w, side_h), fill)
+        out.paste(im, amount_lt)
+        return out
+
+    rgb, mask = padded(rgb, (left, top), side, side, (255, 255, 255)), padded(mask, (left, top), side, side, 0)
+    rgb, mask = rgb.resize((size, size), Image.BILINEAR), mask.resize((size, size), Image.NEAREST)
+    if pad > 0:
+        big = size + 2 * pad
+        rgb, mask = padded(rgb, (pad, pad), big, big, (255, 255, 255)), padded(mask, (pad, pad), big, big, 0)
+        rgb, mask = rgb.resize((size, size), Image.BILINEAR), mask.resize((size, size), Image.NEAREST)
+    out = np.concatenate([np.asarray(rgb, dtype=np.float32), np.asarray(mask, dtype=np.float32)[..., None]], -1)
+    return torch.from_numpy(out / 255.0).permute(2, 0, 1).contiguous()
 
 
 def frame_object(x: torch.Tensor, size: int, pad: int | None = None) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch
 from d3s2.errors import D3S2Error
 from d3s2.ops.ssa import reference as ref
 from d3s2.ops.ssa.layout import SSALayout
+from d3s2.sparse.pool import check_pool_divisor
 
 __all__ = ["spatial_sparse_attention", "mean_pool_blocks", "resolve_backend", "BRANCHES"]
 
@@ -38,15 +39,18 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def mean_pool_blocks(x_sorted: torch.Tensor, layout: SSALayout) -> torch.Tensor:
-    """Mean of block-sorted rows over each compression block -> [Nc, ...] (parameter-free compression)."""
+def mean_pool_blocks(x_sorted: torch.Tensor, layout: SSALayout, divisor: str = "count") -> torch.Tensor:
+    """Mean of block-sorted rows over each compression block -> [Nc, ...] (parameter-free compression).
+    ``divisor="count_plus_one"`` divides by n + 1 as the release does (see :mod:`d3s2.sparse.pool`)."""
     nc = layout.num_cmp
     flat = x_sorted.reshape(x_sorted.shape[0], -1).float()
     out = torch.zeros(nc, flat.shape[1], dtype=torch.float32, device=x_sorted.device)
     out.index_add_(0, layout.token_cmp, flat)
-    key = ("cmp_inv_count", str(x_sorted.device))
+    extra = 1 if check_pool_divisor(divisor) == "count_plus_one" else 0
+    key = ("cmp_inv_count", str(x_sorted.device), extra)
     if key not in layout._cache:  # once per layout, not per call
-        layout._cache[key] = 1.0 / (layout.cmp_offsets[1:] - layout.cmp_offsets[:-1]).to(torch.float32)[:, None]
+        counts = (layout.cmp_offsets[1:] - layout.cmp_offsets[:-1]).to(torch.float32)[:, None]
+        layout._cache[key] = 1.0 / (counts + extra)
     return (out * layout._cache[key]).to(x_sorted.dtype).view(nc, *x_sorted.shape[1:])
 
 

@@ -1,0 +1,89 @@
+"""Fake folders in the authors' release layout, for loader tests (no real weights are reachable here).
+
+``tests/data/official_state_dict_keys.json`` is the reference's list of every released component's state-dict keys,
+shapes and constructor params, read off the authors' own classes. :func:`release_config` writes the release's
+``config.yaml`` from those params (``target`` / ``params`` per component, ``use_fp16: true`` as the release stores
+it); :func:`meta_checkpoints` gives the checkpoints as meta tensors of the listed shapes (a full-size release
+folder of a few kilobytes); :func:`release_state_dict` turns a d3s2 model's weights into the release's key layout.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+KEYS = json.loads((Path(__file__).parent / "data" / "official_state_dict_keys.json").read_text())["components"]
+FILES = {"model_dense.ckpt": (("vae", "dense_vae"), ("dit", "dense_dit")),
+         "model_sparse_512.ckpt": (("vae", "ss_vae_512"), ("dit", "ss_dit_{v}_512")),
+         "model_sparse_1024.ckpt": (("vae", "ss_vae_1024"), ("dit", "ss_dit_{v}_1024")),
+         "model_refiner.ckpt": (("refiner", "refiner"),), "model_refiner_1024.ckpt": (("refiner", "refiner_1024"),)}
+RELEASE_KEYS = {"dense_vae": "dense_vae", "dense_dit": "dense_dit", "sparse_vae_512": "ss_vae_512",
+                "sparse_dit_512": "ss_dit_{v}_512", "sparse_vae_1024": "ss_vae_1024",
+                "sparse_dit_1024": "ss_dit_{v}_1024", "refiner": "refiner", "refiner_1024": "refiner_1024"}
+SHIFTS = {"dense_scheduler": 6.0, "sparse_scheduler_512": 6.0, "sparse_scheduler_1024": 8.0}
+
+
+def tag(version: str) -> str:
+    return version.replace(".", "_")
+
+
+def release_config(version: str, params: dict | None = None) -> dict:
+    """The release's config.yaml for ``version`` ("v1.0" / "v1.1"); ``params``: per release key, params that replace
+    the full-size ones (tiny test models)."""
+    cfg = {}
+    for key, comp in RELEASE_KEYS.items():
+        entry = KEYS[comp.format(v=tag(version))]
+        p = dict(entry["params"]) if not params or key not in params else dict(params[key])
+        cfg[key] = {"target": entry["class"].split(" ")[0], "params": {**p, "use_fp16": True}}
+    for key, shift in SHIFTS.items():
+        cfg[key] = {"target": "diffusers.FlowMatchEulerDiscreteScheduler",
+                    "params": {"num_train_timesteps": 1000, "shift": shift}}
+    for key in ("dense_image_encoder", "sparse_image_encoder"):
+        cfg[key] = {"target": "direct3d_s2.models.conditioner.DinoEncoder",
+                    "params": {"model": "facebookresearch/dinov2", "version": "dinov2_vitl14_reg", "size": 518}}
+    return cfg
+
+
+def meta_checkpoints(version: str) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+    """file -> {dict key -> state dict of meta tensors with the release's shapes}."""
+    out = {}
+    for fname, entries in FILES.items():
+        out[fname] = {key: {k: torch.empty(shape, device="meta")
+                            for k, shape in KEYS[comp.format(v=tag(version))]["keys"].items()}
+                      for key, comp in entries}
+    return out
+
+
+def write_release_folder(folder: Path, config: dict, checkpoints: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    for fname, ckpt in checkpoints.items():
+        torch.save(ckpt, folder / fname)
+    return folder
+
+
+def release_state_dict(model) -> dict[str, torch.Tensor]:
+    """A d3s2 model's weights in the release's key layout (SS-DiT compression names, torchsparse [Cin, Cout] 1x1
+    kernels)."""
+    from d3s2.models.ss_dit import OFFICIAL_KEY_MAP, SSDiT
+
+    renames = {}
+    if isinstance(model, SSDiT):
+        renames = {new: old for old, new in OFFICIAL_KEY_MAP[model.config.version].items()}
+    out = {}
+    for k, v in model.state_dict().items():
+        for net in (".compression_key.", ".compression_value."):
+            i = k.find(net)
+            if i >= 0:
+                head, tail = k[:i + len(net)], k[i + len(net):]
+                for new, old in renames.items():
+                    if tail.startswith(new):
+                        k = head + old + tail[len(new):]
+                        break
+        if k.endswith(".conv.kernel") and v.dim() == 3 and v.shape[0] == 1:
+            v = v[0]
+        out[k] = v.detach().clone()
+    return out
