@@ -63,6 +63,7 @@ class SSVAEConfig:
     window: int = 8
     num_groups: int = 32
     pool_divisor: str = "count"  # encoder mean pooling: "count" | "count_plus_one" (the release, d3s2.sparse.pool)
+    encoder_out_eps: float = 1e-6  # epsilon of the encoder's final LayerNorm (the release: 1e-5, torch's default)
     qkv_bias: bool = True
     pe_factor: float = 1.0
     decoder_out_norm: bool = False
@@ -114,8 +115,8 @@ def _blocks(cfg: SSVAEConfig, n: int) -> nn.ModuleList:
     )
 
 
-def _layer_norm(x: SparseTensor) -> SparseTensor:
-    return x.replace(F.layer_norm(x.feats.float(), x.feats.shape[-1:], eps=1e-6).to(x.dtype))
+def _layer_norm(x: SparseTensor, eps: float = 1e-6) -> SparseTensor:
+    return x.replace(F.layer_norm(x.feats.float(), x.feats.shape[-1:], eps=eps).to(x.dtype))
 
 
 class SSVAEEncoder(nn.Module):
@@ -131,6 +132,7 @@ class SSVAEEncoder(nn.Module):
         self.pos_embedder = AbsolutePositionEmbedder(cfg.model_channels, 3, cfg.pe_factor)
         self.blocks = _blocks(cfg, cfg.num_encoder_blocks)
         self.out_layer = SparseLinear(cfg.model_channels, 2 * cfg.latent_channels)
+        self.out_eps = cfg.encoder_out_eps
 
     def forward(self, x: SparseTensor) -> SparseTensor:
         if x.num_channels != 1:
@@ -142,7 +144,7 @@ class SSVAEEncoder(nn.Module):
         h = h + self.pos_embedder(h.coords[:, 1:]).to(h.dtype)
         for block in self.blocks:
             h = block(h)
-        return self.out_layer(_layer_norm(h))
+        return self.out_layer(_layer_norm(h, self.out_eps))
 
 
 class SSVAEDecoder(nn.Module):

@@ -232,7 +232,10 @@ def init_dit_weights(model: nn.Module) -> None:
     """DiT initialisation shared by the dense and sparse DiTs: Xavier linears with zero bias, N(0, 0.02) timestep MLP,
     zero adaLN modulation and zero output layer, so every block starts as the identity and the model predicts zero.
 
-    Expects ``model.t_embedder.mlp``, ``model.blocks[i].adaLN_modulation`` and ``model.out_layer``."""
+    Expects ``model.t_embedder.mlp``, ``model.blocks[i].adaLN_modulation`` and ``model.out_layer``. Models built on
+    the meta device (for loading a checkpoint, d3s2.models.loading) are left alone."""
+    if any(p.is_meta for p in model.parameters()):
+        return
     for m in model.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)

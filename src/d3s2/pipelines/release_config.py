@@ -158,7 +158,7 @@ def _ss_vae(p: dict, where: str):
         encoder_channels=[enc_c // 16, enc_c // 8, enc_c // 4, enc_c], decoder_channels=[dec_c // 4, dec_c // 8,
                                                                                          dec_c // 16],
         num_encoder_blocks=int(r.get("num_blocks_encoder")), num_decoder_blocks=int(r.get("num_blocks_decoder")),
-        num_heads=heads, head_dim=enc_c // heads, pool_divisor="count_plus_one",
+        num_heads=heads, head_dim=enc_c // heads, pool_divisor="count_plus_one", encoder_out_eps=1e-5,
     )
     r.finish()
     return cfg, (latent_res // chunk if chunk > 1 else None)
