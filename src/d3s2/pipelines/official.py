@@ -41,25 +41,20 @@ def _missing_files_message(where: str, subfolder: str) -> str:
             f"./{subfolder}/) and pass that folder (model_sparse_1024.ckpt is only needed for --resolution 1024)")
 
 
-def resolve_official_folder(path_or_id: str | os.PathLike) -> Path:
-    """A local release folder, or a hub id found in the local Hugging Face cache; else a D3S2Error naming the files."""
+def resolve_official_folder(path_or_id: str | os.PathLike, *, revision: str | None = None,
+                            local_files_only: bool | None = None, resolution: int | None = None) -> Path:
+    """A local release folder, or a hub id downloaded (what ``resolution`` needs, and the DINOv2 weights) into the
+    Hugging Face cache by :mod:`d3s2.pipelines.hub`; offline or unreachable, a D3S2Error naming the files."""
     p = Path(path_or_id)
     if p.is_dir():
         return p
-    text = os.fspath(path_or_id)
-    parts = text.strip("/").split("/")
-    if len(parts) in (2, 3) and not text.startswith((".", "/")):
-        repo, sub = "/".join(parts[:2]), parts[2] if len(parts) == 3 else DEFAULT_SUBFOLDER
-        try:
-            from huggingface_hub import snapshot_download
+    from d3s2.pipelines.hub import fetch_release, parse_hub_id
 
-            snap = Path(snapshot_download(repo, local_files_only=True, allow_patterns=[f"{sub}/*"]))
-        except Exception:  # not installed, not cached: both mean "not available offline"
-            raise D3S2Error(_missing_files_message(text, sub)) from None
-        if (snap / sub / "config.yaml").is_file():
-            return snap / sub
-        raise D3S2Error(_missing_files_message(text, sub))
-    raise D3S2Error(f"weights folder not found: {text}")
+    hid = parse_hub_id(path_or_id)
+    if hid is None:
+        raise D3S2Error(f"weights folder not found: {os.fspath(path_or_id)}")
+    return fetch_release(hid, revision=revision, local_files_only=local_files_only, resolution=resolution,
+                         where=os.fspath(path_or_id)).folder
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
@@ -98,7 +93,8 @@ def official_component_specs(version: str) -> dict[str, str]:
 def load_official_pipeline(path_or_id: str | os.PathLike, device=None, dtype=None, low_vram=None, *,
                            version: str | None = None, components: dict[str, Any] | None = None,
                            image_encoder: Any = None, encoder_weights: str | os.PathLike | None = None,
-                           **kwargs):
+                           revision: str | None = None, local_files_only: bool | None = None,
+                           resolution: int | None = None, **kwargs):
     """Build an :class:`~d3s2.pipelines.image_to_3d.ImageTo3DPipeline` from the authors' release.
 
     ``components``: per-component config overrides (names or specs as in ``pipeline.yaml``; tests use the tiny
@@ -107,7 +103,8 @@ def load_official_pipeline(path_or_id: str | os.PathLike, device=None, dtype=Non
     from d3s2.models.image_encoder import DINOv2Encoder
     from d3s2.pipelines.image_to_3d import ImageTo3DPipeline, PipelineSettings, _model_class, _parse_component
 
-    folder = resolve_official_folder(path_or_id)
+    folder = resolve_official_folder(path_or_id, revision=revision, local_files_only=local_files_only,
+                                     resolution=resolution)
     cfg_path = folder / "config.yaml"
     if not cfg_path.is_file():
         raise D3S2Error(f"{folder}: no config.yaml: not an authors' release folder ({', '.join(OFFICIAL_FILES)})")
