@@ -303,7 +303,7 @@ def test_offline_is_one_line_and_never_asks_the_server(online, tiny, monkeypatch
                                         r"tree/main/direct3d-s2-v-1-1 into one folder") as err:
         ImageTo3DPipeline.from_pretrained(RELEASE, resolution=512, **kw)
     assert "\n" not in str(err.value) and "1024" not in str(err.value)
-    with pytest.raises(D3S2Error, match="not available offline: neither pipeline.yaml"):
+    with pytest.raises(D3S2Error, match="not a local folder, and not available offline: neither pipeline.yaml"):
         ImageTo3DPipeline.from_pretrained(D3S2_REPO, device="cpu", matting="border")
     monkeypatch.delenv("HF_HUB_OFFLINE")
     with pytest.raises(D3S2Error, match="not available offline.*model_sparse_1024.ckpt.*only needed for"):
@@ -322,17 +322,19 @@ def test_offline_is_one_line_and_never_asks_the_server(online, tiny, monkeypatch
         ImageTo3DPipeline.from_pretrained(RELEASE, resolution=1024, **kw)
 
 
-def test_cli_generate_with_a_hub_id(online, tmp_path, capsys):
+def test_cli_generate_with_a_hub_id(online, tmp_path, capsys, monkeypatch):
     from d3s2.cli import main
 
     hub, _, _ = online
     img = square_image(tmp_path / "obj.png")
-    args = ["generate", os.fspath(img), "-o", os.fspath(tmp_path / "out"), "--weights", D3S2_REPO,
-            "--resolution", "512", "--steps-dense", "2", "--steps-512", "1", "--no-progress", "--device", "cpu",
-            "--matting", "border"]
+    (tmp_path / "out").mkdir()
+    monkeypatch.chdir(tmp_path / "out")  # the one command: no -o, the mesh lands in the current folder
+    args = ["generate", os.fspath(img), "--weights", D3S2_REPO, "--steps-dense", "2", "--steps-512", "1",
+            "--no-progress", "--device", "cpu", "--matting", "border"]
     assert main(args) == 0
     assert (tmp_path / "out" / "obj.glb").is_file()
-    args[3] = os.fspath(tmp_path / "out2")
+    assert hub.content_gets() and not [p for _, p in hub.content_gets() if "1024" in p]  # --resolution 512
+    args += ["-o", os.fspath(tmp_path / "out2")]
     assert main([*args, "--revision", "nope"]) == 2
     assert not (tmp_path / "out2").exists()
     err = capsys.readouterr().err.strip().splitlines()

@@ -27,7 +27,8 @@ def add_parser(sub) -> None:
                        description="Generate a mesh per image with the Direct3D-S2 pipeline (structure, 512 and "
                                    "optionally 1024 stage).")
     p.add_argument("images", nargs="*", metavar="IMAGE", help="input images (RGBA with transparent background best)")
-    p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="folder for the meshes")
+    p.add_argument("-o", "--output", default=".", metavar="OUT_DIR",
+                   help="folder for the meshes (default: the current folder)")
     p.add_argument("--weights", metavar="PATH_OR_HUB_ID",
                    help="pipeline folder (save_pretrained output, or the authors' release folder with config.yaml), "
                         "or a Hugging Face hub id: wushuang98/Direct3D-S2 (the authors' weights, downloaded once "

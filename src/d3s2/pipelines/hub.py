@@ -286,9 +286,9 @@ def fetch_weights(path_or_id, *, revision: str | None = None, local_files_only: 
     sub = hid.subfolder or RELEASE_SUBFOLDER
     prefix = f"{hid.subfolder}/" if hid.subfolder else ""
     if "offline" in (d3s2_kind, release_kind):
-        raise HubError(where, f"not available offline: neither {prefix}pipeline.yaml (d3s2 format) nor "
-                              f"{sub}/config.yaml (the authors' layout) of {hid.repo_id} is in the Hugging Face cache "
-                              f"({s.cache_dir}); run once online, or download the files from "
+        raise HubError(where, f"not a local folder, and not available offline: neither {prefix}pipeline.yaml "
+                              f"(d3s2) nor {sub}/config.yaml (the authors' layout) of {hid.repo_id} is in the Hugging "
+                              f"Face cache ({s.cache_dir}); run once online, or download the files from "
                               f"{s.tree_url(hid.repo_id, revision, hid.subfolder)} into one folder and pass that "
                               "folder", "offline")
     raise HubError(where, f"{hid.repo_id} holds neither {prefix}pipeline.yaml (a d3s2 pipeline) nor {sub}/config.yaml "

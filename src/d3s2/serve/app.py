@@ -43,8 +43,8 @@ _CSS = """
 def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="web app: image in, interactive 3D mesh out",
                        description="Start a local web page (Gradio) that turns an image into a 3D mesh.")
-    p.add_argument("--weights", metavar="PATH_OR_HUB_ID", help="pipeline folder or hub id, e.g. "
-                                                              "wushuang98/Direct3D-S2 (default: the bundled demo model)")
+    p.add_argument("--weights", metavar="PATH_OR_HUB_ID",
+                   help="pipeline folder or hub id, e.g. wushuang98/Direct3D-S2 (default: the bundled demo model)")
     p.add_argument("--matting", choices=("birefnet", "border", "none"), default=None,
                    help="background removal for images without alpha (default: birefnet when installed, else border)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; "
