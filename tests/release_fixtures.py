@@ -87,3 +87,63 @@ def release_state_dict(model) -> dict[str, torch.Tensor]:
             v = v[0]
         out[k] = v.detach().clone()
     return out
+
+
+def tiny_params(version: str) -> dict:
+    """Release params at tiny width / depth (GroupNorm 32 needs the SS-VAE at its released width, one block each)."""
+    v10 = version == "v1.0"
+    dit = dict(in_channels=16, out_channels=16, model_channels=64, cond_channels=32, num_blocks=2, num_heads=4,
+               num_kv_heads=2, selection_block_size=8, pe_mode="ape", qk_rms_norm=True, use_shift=True,
+               compression_block_size=4 if v10 else 8, compression_version="v2" if v10 else "v1",
+               sparse_conditions=v10, topk=2)
+    vae = dict(embed_dim=16, model_channels_encoder=512, num_heads_encoder=8, num_head_channels_encoder=64,
+               num_blocks_encoder=1, model_channels_decoder=512, num_heads_decoder=8, num_head_channels_decoder=64,
+               num_blocks_decoder=1, out_channels=1, latents_scale=1.0, latents_shift=0.0)
+    return {"dense_vae": dict(embed_dim=4, in_channels=1, out_channels=1, model_channels_encoder=[4, 8, 16],
+                              num_res_blocks_encoder=1, num_res_blocks_middle_encoder=1,
+                              model_channels_decoder=[16, 8, 4], num_res_blocks_decoder=1,
+                              num_res_blocks_middle_decoder=1, latents_scale=1.0, latents_shift=0.0),
+            "dense_dit": dict(resolution=8, in_channels=4, out_channels=4, model_channels=64, cond_channels=32,
+                              num_blocks=1, num_heads=4, mlp_ratio=4, patch_size=1, pe_mode="ape", qk_rms_norm=True,
+                              latent_shape=[4, 8, 8, 8]),
+            "sparse_vae_512": dict(vae, resolution=32), "sparse_vae_1024": dict(vae, resolution=64, chunk_size=4),
+            "sparse_dit_512": dict(dit, resolution=32, factor=1.0),
+            "sparse_dit_1024": dict(dit, resolution=64, factor=0.5)}
+
+
+def tiny_release(version: str, seed: int = 3):
+    """A tiny release: (config.yaml dict, {file: checkpoint dict}, d3s2 models the weights came from)."""
+    from d3s2.pipelines.image_to_3d import _model_class
+    from d3s2.pipelines.release_config import read_release_config
+
+    config = release_config(version, tiny_params(version))
+    rel = read_release_config(config)
+    torch.manual_seed(seed)
+    models = {n: _model_class(kind)(cfg) for n, (kind, cfg) in rel.models.items()}
+    ckpts = {"model_dense.ckpt": {"vae": release_state_dict(models["dense_vae"]),
+                                  "dit": release_state_dict(models["dense_dit"])},
+             "model_sparse_512.ckpt": {"vae": release_state_dict(models["ss_vae_512"]),
+                                       "dit": release_state_dict(models["ss_dit_512"])},
+             "model_sparse_1024.ckpt": {"vae": release_state_dict(models["ss_vae_1024"]),
+                                        "dit": release_state_dict(models["ss_dit_1024"])}}
+    return config, ckpts, models
+
+
+def sphere_hooks(pipe, radius: float = 0.5):
+    """Benchmark hooks for a tiny release pipeline: a small latent shell replaces the structure stage's output and a
+    sphere's SDF the decoded values (random tiny weights give no surface at the release's levels); every stage still
+    runs. Returns ``{"structure_coords": ..., "hooks": ...}`` for ``pipe(...)``."""
+    r = pipe.models["dense_vae"].config.resolution
+    g = torch.arange(r)
+    c = torch.stack(torch.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3).double()
+    d = ((c + 0.5) / r * 2 - 1).norm(dim=1) - radius
+    shell = c[d.abs() < 1.5 * 2 / r].long()
+    coords = torch.cat([torch.zeros(len(shell), 1, dtype=torch.long), shell], 1).int()
+
+    def decoded(stage, dec):
+        res = pipe.resolution_512 if stage == "512" else pipe.resolution_1024
+        p = dec.coords[:, 1:].double() / res * 2 - 1
+        s = ((p.norm(dim=1) - radius) / (4 / res)).clamp(-1, 1)
+        return dec.replace(s[:, None].to(dec.feats.dtype))
+
+    return {"structure_coords": coords, "hooks": {"decoded": decoded}}

@@ -12,7 +12,8 @@ from d3s2.models.image_encoder import DINOv2Encoder, ImageEncoderConfig
 from d3s2.pipelines.image_to_3d import ImageTo3DPipeline
 from d3s2.pipelines.official import load_official_pipeline, load_release
 from d3s2.pipelines.release_config import read_release_config
-from release_fixtures import KEYS, meta_checkpoints, release_config, release_state_dict, tag, write_release_folder
+from release_fixtures import (KEYS, meta_checkpoints, release_config, release_state_dict, tag, tiny_release,
+                              write_release_folder)
 
 COMPONENT_KEYS = {"dense_vae": "dense_vae", "dense_dit": "dense_dit", "ss_vae_512": "ss_vae_512",
                   "ss_dit_512": "ss_dit_{v}_512", "ss_vae_1024": "ss_vae_1024", "ss_dit_1024": "ss_dit_{v}_1024"}
@@ -71,51 +72,19 @@ def test_version_detection_reads_the_params():
         read_release_config(odd)
 
 
-def _tiny_params(version: str) -> dict:
-    v10 = version == "v1.0"
-    dit = dict(in_channels=16, out_channels=16, model_channels=64, cond_channels=32, num_blocks=2, num_heads=4,
-               num_kv_heads=2, selection_block_size=8, pe_mode="ape", qk_rms_norm=True, use_shift=True,
-               compression_block_size=4 if v10 else 8, compression_version="v2" if v10 else "v1",
-               sparse_conditions=v10, topk=2)
-    vae = dict(embed_dim=16, model_channels_encoder=512, num_heads_encoder=8, num_head_channels_encoder=64,
-               num_blocks_encoder=1, model_channels_decoder=512, num_heads_decoder=8, num_head_channels_decoder=64,
-               num_blocks_decoder=1, out_channels=1, latents_scale=1.0, latents_shift=0.0)
-    return {"dense_vae": dict(embed_dim=4, in_channels=1, out_channels=1, model_channels_encoder=[4, 8, 16],
-                              num_res_blocks_encoder=1, num_res_blocks_middle_encoder=1,
-                              model_channels_decoder=[16, 8, 4], num_res_blocks_decoder=1,
-                              num_res_blocks_middle_decoder=1, latents_scale=1.0, latents_shift=0.0),
-            "dense_dit": dict(resolution=8, in_channels=4, out_channels=4, model_channels=64, cond_channels=32,
-                              num_blocks=1, num_heads=4, mlp_ratio=4, patch_size=1, pe_mode="ape", qk_rms_norm=True,
-                              latent_shape=[4, 8, 8, 8]),
-            "sparse_vae_512": dict(vae, resolution=32), "sparse_vae_1024": dict(vae, resolution=64, chunk_size=4),
-            "sparse_dit_512": dict(dit, resolution=32, factor=1.0),
-            "sparse_dit_1024": dict(dit, resolution=64, factor=0.5)}
-
-
 @pytest.fixture(scope="module", params=["v1.0", "v1.1"])
-def tiny_release(request, tmp_path_factory):
+def tiny_folder(request, tmp_path_factory):
     """A tiny release folder with random weights written in the release's layout, and the d3s2 models they came
     from."""
-    from d3s2.pipelines.image_to_3d import _model_class
-
     version = request.param
-    config = release_config(version, _tiny_params(version))
-    rel = read_release_config(config)
-    torch.manual_seed(3)
-    models = {n: _model_class(kind)(cfg) for n, (kind, cfg) in rel.models.items()}
-    ckpts = {"model_dense.ckpt": {"vae": release_state_dict(models["dense_vae"]),
-                                  "dit": release_state_dict(models["dense_dit"])},
-             "model_sparse_512.ckpt": {"vae": release_state_dict(models["ss_vae_512"]),
-                                       "dit": release_state_dict(models["ss_dit_512"])},
-             "model_sparse_1024.ckpt": {"vae": release_state_dict(models["ss_vae_1024"]),
-                                        "dit": release_state_dict(models["ss_dit_1024"])}}
+    config, ckpts, models = tiny_release(version)
     assert any(v.dim() == 2 and k.endswith("conv.kernel") for k, v in ckpts["model_sparse_512.ckpt"]["vae"].items())
     folder = write_release_folder(tmp_path_factory.mktemp("rel") / f"direct3d-s2-{version}", config, ckpts)
     return version, folder, models
 
 
-def test_tiny_release_round_trip(tiny_release):
-    version, folder, models = tiny_release
+def test_tiny_release_round_trip(tiny_folder):
+    version, folder, models = tiny_folder
     enc = DINOv2Encoder(ImageEncoderConfig.tiny())
     pipe = load_official_pipeline(folder, device="cpu", image_encoder=enc)
     assert pipe.dtype == torch.float32  # fp16 is the release's CUDA dtype; the CPU runs fp32
@@ -134,8 +103,8 @@ def test_tiny_release_round_trip(tiny_release):
     assert isinstance(ImageTo3DPipeline.from_pretrained(folder, device="cpu", image_encoder=enc), ImageTo3DPipeline)
 
 
-def test_release_errors(tiny_release, tmp_path):
-    version, folder, _ = tiny_release
+def test_release_errors(tiny_folder, tmp_path):
+    version, folder, _ = tiny_folder
     enc = DINOv2Encoder(ImageEncoderConfig.tiny())
     bad = tmp_path / "broken"
     bad.mkdir()

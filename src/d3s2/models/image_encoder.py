@@ -14,8 +14,10 @@ Positional embeddings are resized for other image sizes with bicubic interpolati
 DINOv2 hub's register models do; at 518 px they are used as stored.
 
 Weights come from a local file (``weights=path``, .pth/.pt or .safetensors) or, when present, the Hugging Face cache
-(``timm/vit_large_patch14_reg4_dinov2.lvd142m``) or the torch hub cache; nothing is downloaded. The ``tiny`` config is
-the same network, small enough to train on a CPU.
+(``timm/vit_large_patch14_reg4_dinov2.lvd142m``; the cache folder is read from ``HF_HUB_CACHE`` / ``HF_HOME`` at each
+call) or the torch hub cache. This module downloads nothing: :func:`d3s2.pipelines.hub.fetch_dinov2_weights` puts
+timm's file into the Hugging Face cache (``d3s2 generate --weights wushuang98/Direct3D-S2`` does it once). No torch
+hub code is run. The ``tiny`` config is the same network, small enough to train on a CPU.
 """
 
 from __future__ import annotations
@@ -219,11 +221,13 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def find_dinov2_weights() -> Path | None:
     """A cached DINOv2 ViT-L/14-reg file: the Hugging Face cache (timm weights) or the torch hub cache."""
+    from d3s2.hub_settings import hub_cache_dir
+
     try:
         from huggingface_hub import try_to_load_from_cache
 
         for name in ("model.safetensors", "pytorch_model.bin"):
-            p = try_to_load_from_cache(HF_REPO, name)
+            p = try_to_load_from_cache(HF_REPO, name, cache_dir=hub_cache_dir())
             if isinstance(p, str) and os.path.isfile(p):
                 return Path(p)
     except ImportError:
@@ -241,7 +245,8 @@ def load_dinov2_weights(model: DINOv2Encoder, weights: str | os.PathLike | None 
         raise D3S2Error(
             f"DINOv2 ViT-L/14-reg weights not found ({where}): download {OFFICIAL_FILENAME} (the official "
             f"dinov2_vitl14_reg checkpoint) or {HF_REPO}/model.safetensors and pass weights=PATH, or put "
-            f"{OFFICIAL_FILENAME} in ~/.cache/torch/hub/checkpoints/"
+            f"{OFFICIAL_FILENAME} in ~/.cache/torch/hub/checkpoints/ (a hub id such as --weights "
+            "wushuang98/Direct3D-S2 downloads it when online)"
         )
     sd = convert_dinov2_state_dict(_read_weights(path))
     own = set(model.state_dict())

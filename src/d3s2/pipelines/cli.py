@@ -5,7 +5,8 @@ Each image is written to ``OUT_DIR/<image stem>.<format>`` atomically (with ``--
 corrupt, empty mask, no shape found) prints one line on stderr and the others still run; the exit status is 1 when any
 image failed. A bad ``--weights`` folder stops everything (exit 2, from the CLI's D3S2Error handler). Without
 ``--weights`` the bundled demo model is used (:mod:`d3s2.pipelines.bundled`), with a note on stderr; ``--examples``
-adds the bundled example images to the inputs.
+adds the bundled example images to the inputs. A hub id as ``--weights`` is downloaded by :mod:`d3s2.pipelines.hub`
+(only the files ``--resolution`` needs); ``--matting`` picks the background removal (:mod:`d3s2.pipelines.matting`).
 """
 
 from __future__ import annotations
@@ -26,10 +27,18 @@ def add_parser(sub) -> None:
                        description="Generate a mesh per image with the Direct3D-S2 pipeline (structure, 512 and "
                                    "optionally 1024 stage).")
     p.add_argument("images", nargs="*", metavar="IMAGE", help="input images (RGBA with transparent background best)")
-    p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="folder for the meshes")
-    p.add_argument("--weights", metavar="PATH", help="pipeline folder (save_pretrained output, or the authors' "
-                                                     "release folder with config.yaml); default: the bundled demo "
-                                                     "model")
+    p.add_argument("-o", "--output", default=".", metavar="OUT_DIR",
+                   help="folder for the meshes (default: the current folder)")
+    p.add_argument("--weights", metavar="PATH_OR_HUB_ID",
+                   help="pipeline folder (save_pretrained output, or the authors' release folder with config.yaml), "
+                        "or a Hugging Face hub id: wushuang98/Direct3D-S2 (the authors' weights, downloaded once "
+                        "into the hub cache; .../direct3d-s2-v-1-0 for v1.0) or a repo holding pipeline.yaml; "
+                        "default: the bundled demo model")
+    p.add_argument("--revision", default=None, help="hub branch, tag or commit of --weights (default: main)")
+    p.add_argument("--matting", choices=("birefnet", "border", "none"), default=None,
+                   help="background removal for images without alpha: birefnet (the release's model, extra "
+                        "'matting'), border (border-colour segmentation, plain backgrounds), none (the whole image "
+                        "is the object); default: birefnet when installed, else border with a warning")
     p.add_argument("--examples", action="store_true", help="also run the bundled example images (renders of meshes "
                                                            "the demo model never saw)")
     p.add_argument("--preview", action="store_true", help="also write OUT_DIR/<stem>.preview.png: the input image "
@@ -84,7 +93,9 @@ def run_generate(args: argparse.Namespace) -> int:
     weights, bundled = resolve_weights(args.weights)
     if bundled:
         print(f"d3s2 generate: no --weights given, {BUNDLED_NOTE}", file=sys.stderr)
-    pipe = ImageTo3DPipeline.from_pretrained(weights, device=args.device, low_vram=args.low_vram or None)
+    pipe = ImageTo3DPipeline.from_pretrained(weights, device=args.device, low_vram=args.low_vram or None,
+                                             revision=args.revision, resolution=args.resolution,
+                                             matting=args.matting)
     out_dir = Path(args.output)
     steps = {"dense": args.steps_dense, "512": args.steps_512, "1024": args.steps_1024}
     failed = 0

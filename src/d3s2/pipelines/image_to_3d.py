@@ -261,13 +261,15 @@ class ImageTo3DPipeline:
     ``models``: dict with the modules named in :data:`COMPONENTS` (and optionally :data:`OPTIONAL_COMPONENTS`);
     ``samplers``: per DiT component a :class:`~d3s2.flow.SamplerConfig` (steps / cfg / shift defaults).
     ``low_vram``: keep models on the CPU (pinned) and upload each to ``device`` only for its stage (default: on CUDA
-    when the free memory is below the weights' size in the run dtypes plus a 10 GiB working set)."""
+    when the free memory is below the weights' size in the run dtypes plus a 10 GiB working set).
+    ``matting``: ``"birefnet" | "border" | "none"`` or None (BiRefNet when installed) for images without alpha
+    (:mod:`d3s2.pipelines.matting`); a ``background_remover`` callable replaces it."""
 
     def __init__(self, models: dict[str, torch.nn.Module], samplers: dict[str, Any] | None = None,
                  settings: PipelineSettings | None = None, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, low_vram: bool | None = None,
                  component_configs: dict[str, _Component] | None = None, encoder_config: Any = None,
-                 background_remover: Callable | None = None) -> None:
+                 background_remover: Callable | None = None, matting: str | None = None) -> None:
         missing = [c for c in COMPONENTS if c not in models]
         if missing:
             raise D3S2Error(f"pipeline is missing component(s): {', '.join(missing)}")
@@ -281,6 +283,12 @@ class ImageTo3DPipeline:
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.component_configs = component_configs or {}
         self.encoder_config = encoder_config if encoder_config is not None else models["image_encoder"].config
+        if background_remover is None:
+            from d3s2.pipelines.matting import background_remover_for
+
+            background_remover = background_remover_for(matting, device=self.device)
+        elif matting is not None:
+            raise D3S2Error("give matting= or background_remover=, not both")
         self.background_remover = background_remover
         self.last_stats: list[dict[str, Any]] = []
         for m in self.models.values():
@@ -384,19 +392,21 @@ class ImageTo3DPipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None, low_vram: bool | None = None,
-                        **kwargs) -> "ImageTo3DPipeline":
+                        dtype: torch.dtype | None = None, low_vram: bool | None = None, *,
+                        revision: str | None = None, local_files_only: bool | None = None,
+                        resolution: int | None = None, **kwargs) -> "ImageTo3DPipeline":
         """Load a folder written by :meth:`save_pretrained` (``pipeline.yaml`` + one safetensors file per model), or
-        the authors' release layout (``config.yaml`` + ``.ckpt``; see :mod:`d3s2.pipelines.official`)."""
+        the authors' release layout (``config.yaml`` + ``.ckpt``; see :mod:`d3s2.pipelines.official`), or a hub id of
+        either (downloaded by :mod:`d3s2.pipelines.hub`). ``resolution=512`` skips the 1024 stage's weights."""
         from safetensors.torch import load_file
 
         from d3s2.models.image_encoder import DINOv2Encoder
+        from d3s2.pipelines import hub
 
         folder = Path(path)
-        if not folder.is_dir() and os.fspath(path).lower().startswith("wushuang98/direct3d-s2"):
-            from d3s2.pipelines.official import load_official_pipeline  # hub id: the authors' release, cache only
-
-            return load_official_pipeline(path, device=device, dtype=dtype, low_vram=low_vram, **kwargs)
+        if not folder.is_dir() and hub.parse_hub_id(path) is not None:
+            folder = hub.fetch_weights(path, revision=revision, local_files_only=local_files_only,
+                                       resolution=resolution).folder
         if not folder.is_dir():
             raise D3S2Error(f"weights folder not found: {folder} (give a folder saved by save_pretrained, with "
                             "pipeline.yaml and one .safetensors file per model)")
@@ -405,13 +415,16 @@ class ImageTo3DPipeline:
             if (folder / "config.yaml").is_file():
                 from d3s2.pipelines.official import load_official_pipeline
 
-                return load_official_pipeline(folder, device=device, dtype=dtype, low_vram=low_vram, **kwargs)
+                return load_official_pipeline(folder, device=device, dtype=dtype, low_vram=low_vram,
+                                              resolution=resolution, **kwargs)
             raise D3S2Error(f"{folder}: no pipeline.yaml: not a d3s2 pipeline folder (save one with "
                             "ImageTo3DPipeline.save_pretrained)")
         data = load_yaml(cfg_path)
         if data.get("format") != FORMAT_TAG:
             raise D3S2Error(f"{cfg_path}: format {data.get('format')!r} is not {FORMAT_TAG!r}")
         comps, enc_cfg, settings = cls._parse(data, cfg_path.name)
+        if resolution == 512:
+            comps = {n: c for n, c in comps.items() if n not in OPTIONAL_COMPONENTS}
         models: dict[str, torch.nn.Module] = {}
         names = ["image_encoder", *comps]
         for name in names:

@@ -14,8 +14,8 @@ marching-cubes semantics, the release's preprocessing, fp16). :func:`load_offici
 The DINOv2 encoder is not part of the release: its weights come from ``encoder_weights`` or the caches searched by
 :func:`d3s2.models.image_encoder.find_dinov2_weights`.
 
-Hub ids (``wushuang98/Direct3D-S2``, optionally ``/direct3d-s2-v-1-1``) are looked up in the local Hugging Face cache
-only (nothing is downloaded at run time); when they are not there the error lists the files to place and where.
+Hub ids (``wushuang98/Direct3D-S2``, optionally ``/direct3d-s2-v-1-0``) are downloaded by :mod:`d3s2.pipelines.hub`
+(only the files the resolution needs; offline mode honoured; an unreachable hub gives one line naming the files).
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ __all__ = ["OFFICIAL_REPO", "OFFICIAL_FILES", "ReleaseComponents", "resolve_offi
            "load_official_pipeline", "read_checkpoint", "release_settings"]
 
 OFFICIAL_REPO = "wushuang98/Direct3D-S2"
-DEFAULT_SUBFOLDER = "direct3d-s2-v-1-1"
 OFFICIAL_FILES = ("config.yaml", "model_dense.ckpt", "model_sparse_512.ckpt", "model_sparse_1024.ckpt",
                   "model_refiner.ckpt", "model_refiner_1024.ckpt")
 # checkpoint file -> (dict key, component) for the stages d3s2 builds from a release folder
@@ -44,32 +43,20 @@ _CHECKPOINTS = {
 }
 
 
-def _missing_files_message(where: str, subfolder: str) -> str:
-    files = ", ".join(OFFICIAL_FILES)
-    return (f"{where}: the authors' weights are not available offline; download {files} from "
-            f"https://huggingface.co/{OFFICIAL_REPO}/tree/main/{subfolder} into one folder (e.g. "
-            f"./{subfolder}/) and pass that folder (the *_1024.ckpt files are only needed for --resolution 1024)")
-
-
-def resolve_official_folder(path_or_id: str | os.PathLike) -> Path:
-    """A local release folder, or a hub id found in the local Hugging Face cache; else a D3S2Error naming the files."""
+def resolve_official_folder(path_or_id: str | os.PathLike, *, revision: str | None = None,
+                            local_files_only: bool | None = None, resolution: int | None = None) -> Path:
+    """A local release folder, or a hub id downloaded (what ``resolution`` needs, and the DINOv2 weights) into the
+    Hugging Face cache by :mod:`d3s2.pipelines.hub`; offline or unreachable, a D3S2Error naming the files."""
     p = Path(path_or_id)
     if p.is_dir():
         return p
-    text = os.fspath(path_or_id)
-    parts = text.strip("/").split("/")
-    if len(parts) in (2, 3) and not text.startswith((".", "/")):
-        repo, sub = "/".join(parts[:2]), parts[2] if len(parts) == 3 else DEFAULT_SUBFOLDER
-        try:
-            from huggingface_hub import snapshot_download
+    from d3s2.pipelines.hub import fetch_release, parse_hub_id
 
-            snap = Path(snapshot_download(repo, local_files_only=True, allow_patterns=[f"{sub}/*"]))
-        except Exception:  # not installed, not cached: both mean "not available offline"
-            raise D3S2Error(_missing_files_message(text, sub)) from None
-        if (snap / sub / "config.yaml").is_file():
-            return snap / sub
-        raise D3S2Error(_missing_files_message(text, sub))
-    raise D3S2Error(f"weights folder not found: {text}")
+    hid = parse_hub_id(path_or_id)
+    if hid is None:
+        raise D3S2Error(f"weights folder not found: {os.fspath(path_or_id)}")
+    return fetch_release(hid, revision=revision, local_files_only=local_files_only, resolution=resolution,
+                         where=os.fspath(path_or_id)).folder
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
@@ -113,11 +100,11 @@ class ReleaseComponents:
     files: dict[str, Path] = field(default_factory=dict)
 
 
-def load_release(path_or_id: str | os.PathLike, *, version: str | None = None, resolution: int = 1024
-                 ) -> ReleaseComponents:
-    """Read a release folder (see the module docstring). ``version``: ``"v1.0"`` / ``"v1.1"`` to insist on one (an
-    error if the folder holds the other). ``resolution``: 512 skips the 1024 stage's files. The models stay where the
-    checkpoint tensors are (CPU, in the stored dtype)."""
+def load_release(path_or_id: str | os.PathLike, *, version: str | None = None, resolution: int = 1024,
+                 revision: str | None = None, local_files_only: bool | None = None) -> ReleaseComponents:
+    """Read a release folder or hub id (see the module docstring). ``version``: ``"v1.0"`` / ``"v1.1"`` to insist on
+    one (an error if the folder holds the other). ``resolution``: 512 skips (and does not download) the 1024 stage's
+    files. The models stay where the checkpoint tensors are (CPU, in the stored dtype)."""
     from d3s2.models import dense_dit, dense_vae, ss_dit, ss_vae
     from d3s2.models.loading import empty_weights, load_into_empty
     from d3s2.pipelines.image_to_3d import _model_class
@@ -125,7 +112,8 @@ def load_release(path_or_id: str | os.PathLike, *, version: str | None = None, r
 
     if resolution not in (512, 1024):
         raise D3S2Error(f"resolution must be 512 or 1024, got {resolution}")
-    folder = resolve_official_folder(path_or_id)
+    folder = resolve_official_folder(path_or_id, revision=revision, local_files_only=local_files_only,
+                                     resolution=resolution)
     cfg_path = folder / "config.yaml"
     if not cfg_path.is_file():
         raise D3S2Error(f"{folder}: no config.yaml: not an authors' release folder ({', '.join(OFFICIAL_FILES)})")
@@ -162,15 +150,17 @@ def load_release(path_or_id: str | os.PathLike, *, version: str | None = None, r
 
 
 def load_official_pipeline(path_or_id: str | os.PathLike, device=None, dtype=None, low_vram=None, *,
-                           version: str | None = None, resolution: int = 1024, image_encoder: Any = None,
-                           encoder_weights: str | os.PathLike | None = None, **kwargs):
+                           version: str | None = None, resolution: int | None = None, image_encoder: Any = None,
+                           encoder_weights: str | os.PathLike | None = None, revision: str | None = None,
+                           local_files_only: bool | None = None, **kwargs):
     """Build an :class:`~d3s2.pipelines.image_to_3d.ImageTo3DPipeline` from the authors' release (fp16 on CUDA as the
     release, fp32 on the CPU, unless ``dtype`` says otherwise). ``image_encoder``: a ready encoder module (else the DINOv2 ViT-L/14-reg with
     ``encoder_weights``)."""
     from d3s2.models.image_encoder import DINOv2Encoder
     from d3s2.pipelines.image_to_3d import ImageTo3DPipeline, _Component
 
-    rel = load_release(path_or_id, version=version, resolution=resolution)
+    rel = load_release(path_or_id, version=version, resolution=resolution or 1024, revision=revision,
+                       local_files_only=local_files_only)
     models = dict(rel.models)
     if image_encoder is None:
         image_encoder = DINOv2Encoder(weights=encoder_weights, load_weights=True)

@@ -43,7 +43,10 @@ _CSS = """
 def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="web app: image in, interactive 3D mesh out",
                        description="Start a local web page (Gradio) that turns an image into a 3D mesh.")
-    p.add_argument("--weights", metavar="PATH", help="pipeline folder (default: the bundled demo model)")
+    p.add_argument("--weights", metavar="PATH_OR_HUB_ID",
+                   help="pipeline folder or hub id, e.g. wushuang98/Direct3D-S2 (default: the bundled demo model)")
+    p.add_argument("--matting", choices=("birefnet", "border", "none"), default=None,
+                   help="background removal for images without alpha (default: birefnet when installed, else border)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; "
                                                         "0.0.0.0 opens the page to the network)")
     p.add_argument("--port", type=int, default=7860)
@@ -56,6 +59,14 @@ def add_parser(sub) -> None:
     p.add_argument("--max-file-size", type=float, default=10.0, metavar="MB", help="upload size limit (default 10)")
     p.add_argument("--queue-size", type=int, default=16, help="requests that may wait in the queue (default 16)")
     p.set_defaults(func=run_serve)
+
+
+_NO_ALPHA = {  # the upload note for an image without a transparent background, by matting method
+    "birefnet": " No transparent background: the object is cut out by the BiRefNet matting model.",
+    "none": " No transparent background: the whole image is used as the object.",
+    None: " No transparent background: the object is separated from the background by the border colour (plain "
+          "backgrounds only).",
+}
 
 
 def _status(kind: str, text: str) -> str:
@@ -73,6 +84,7 @@ def build_app(generator: Generator, store: SessionStore, examples: list[Path] | 
     defaults = generator.stage_defaults()
     grids = generator.grids()
     pad_fraction = generator.image_pad_fraction()
+    remover = generator.pipe.background_remover
 
     def load(file_path):
         if not file_path:
@@ -85,9 +97,9 @@ def build_app(generator: Generator, store: SessionStore, examples: list[Path] | 
 
         def work():
             img = load(file_path)
-            note = "" if has_alpha_mask(img) else (" No transparent background: the object is separated from the "
-                                                   "background by the border colour (plain backgrounds only).")
-            return preview_image(img, pad_fraction), note
+            pic = preview_image(img, pad_fraction, background_remover=remover)
+            note = "" if has_alpha_mask(img) else _NO_ALPHA.get(getattr(remover, "method", None), _NO_ALPHA[None])
+            return pic, note
 
         out, err = run_logged(work, "reading the image", Path(file_path).name)
         if err is not None:
@@ -227,7 +239,7 @@ def run_serve(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise D3S2Error(f"'d3s2 serve' needs Gradio ({exc}); install it with: pip install 'd3s2[serve]'") from exc
     weights = resolve_weights(args.weights)
-    generator = Generator.load(weights, device=args.device, low_vram=args.low_vram)
+    generator = Generator.load(weights, device=args.device, low_vram=args.low_vram, matting=args.matting)
     own_root = not args.output_dir
     root = Path(tempfile.mkdtemp(prefix="d3s2-serve-")) if own_root else Path(args.output_dir)
     store = SessionStore(root, max_age_s=args.max_age)

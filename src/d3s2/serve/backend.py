@@ -122,16 +122,19 @@ def read_upload(path: str | os.PathLike, max_bytes: int | None = None, name: str
         raise D3S2Error(public_message(f"{shown}: {exc}", shown)) from exc
 
 
-def preview_image(img, image_pad_fraction: float = 16 / 518, size: int = 256) -> np.ndarray:
+def preview_image(img, image_pad_fraction: float = 16 / 518, size: int = 256,
+                  background_remover: Callable | None = None) -> np.ndarray:
     """What the model will see: ``[size, 2 * size, 3]`` uint8, the crop composited on white (left) beside its mask
-    (right). Raises D3S2Error when the mask is empty."""
+    (right), the mask of an image without alpha from ``background_remover`` (the pipeline's). Raises D3S2Error when
+    the mask is empty."""
     import warnings
 
     from d3s2.pipelines.preprocess import preprocess_image
 
     with warnings.catch_warnings():  # the no-alpha warning is shown in the page by the caller, not logged
         warnings.simplefilter("ignore")
-        x = preprocess_image(img, size=size, pad=round(image_pad_fraction * size), source="the image")
+        x = preprocess_image(img, size=size, pad=round(image_pad_fraction * size), source="the image",
+                             background_remover=background_remover)
     rgb = (x[:3].permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
     mask = (x[3].numpy() * 255.0 + 0.5).astype(np.uint8)
     return np.concatenate([rgb, np.repeat(mask[..., None], 3, axis=-1)], axis=1)
@@ -229,10 +232,11 @@ class Generator:
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, weights: str, device: str | None = None, low_vram: bool = False) -> "Generator":
+    def load(cls, weights: str, device: str | None = None, low_vram: bool = False,
+             matting: str | None = None) -> "Generator":
         from d3s2.pipelines.image_to_3d import ImageTo3DPipeline
 
-        pipe = ImageTo3DPipeline.from_pretrained(weights, device=device, low_vram=low_vram or None)
+        pipe = ImageTo3DPipeline.from_pretrained(weights, device=device, low_vram=low_vram or None, matting=matting)
         return cls(pipe, Path(weights).name)
 
     # ---------------------------------------------------------------- what the page offers
