@@ -132,7 +132,7 @@ def release_config(params: dict[str, dict], shifts=(6.0, 6.0, 8.0)) -> dict:
         cfg[key] = {"target": "direct3d_s2.models.conditioner.DinoEncoder", "params": {}}
     for key in ("refiner", "refiner_1024"):
         entry = keys[key]
-        cfg.setdefault(key, {"target": entry["class"].split(" ")[0], "params": dict(entry["params"])})
+        cfg.setdefault(key, {"target": entry["class"].split(" ")[0], "params": {**entry["params"], "use_fp16": True}})
     return cfg
 
 
@@ -144,7 +144,7 @@ def full_params(version: str) -> dict[str, tuple[str, dict]]:
     tag = version.replace(".", "_")
     names = {"dense_vae": "dense_vae", "dense_dit": "dense_dit", "sparse_vae_512": "ss_vae_512",
              "sparse_dit_512": f"ss_dit_{tag}_512", "sparse_vae_1024": "ss_vae_1024",
-             "sparse_dit_1024": f"ss_dit_{tag}_1024"}
+             "sparse_dit_1024": f"ss_dit_{tag}_1024", "refiner": "refiner", "refiner_1024": "refiner_1024"}
     return {k: (keys[c]["class"].split(" ")[0], {**keys[c]["params"], "use_fp16": True}) for k, c in names.items()}
 
 
@@ -154,7 +154,9 @@ def small_params(version: str) -> dict[str, tuple[str, dict]]:
     out = {}
     for k, (target, q) in p.items():
         q = dict(q)
-        if "dit" in k:
+        if "refiner" in k:
+            pass  # dense 3D UNets: their patch sizes are fixed by their run(); no smaller variant
+        elif "dit" in k:
             q.update(num_blocks=2)
             if "dense" in k:
                 q.update(model_channels=256, num_heads=4)
@@ -167,7 +169,8 @@ def small_params(version: str) -> dict[str, tuple[str, dict]]:
 
 FILES = {"model_dense.ckpt": (("vae", "dense_vae"), ("dit", "dense_dit")),
          "model_sparse_512.ckpt": (("vae", "sparse_vae_512"), ("dit", "sparse_dit_512")),
-         "model_sparse_1024.ckpt": (("vae", "sparse_vae_1024"), ("dit", "sparse_dit_1024"))}
+         "model_sparse_1024.ckpt": (("vae", "sparse_vae_1024"), ("dit", "sparse_dit_1024")),
+         "model_refiner.ckpt": (("refiner", "refiner"),), "model_refiner_1024.ckpt": (("refiner", "refiner_1024"),)}
 
 
 def build_release(folder: Path, params: dict[str, tuple[str, dict]], seed: int = 0, only: set[str] | None = None,

@@ -91,13 +91,13 @@ class Harness:
 
 
 def _file_of(key: str) -> str:
-    return {"dense_vae": "model_dense.ckpt", "dense_dit": "model_dense.ckpt", "sparse_vae_512": "model_sparse_512.ckpt",
-            "sparse_dit_512": "model_sparse_512.ckpt", "sparse_vae_1024": "model_sparse_1024.ckpt",
-            "sparse_dit_1024": "model_sparse_1024.ckpt"}[key]
+    from official import FILES
+
+    return next(f for f, entries in FILES.items() if any(k == key for _, k in entries))
 
 
 def _dict_key(key: str) -> str:
-    return "vae" if "vae" in key else "dit"
+    return "refiner" if "refiner" in key else "vae" if "vae" in key else "dit"
 
 
 # ---------------------------------------------------------------------------------------------------- dense stages
@@ -334,7 +334,7 @@ def token_band(h: Harness) -> dict:
     import trimesh
 
     from d3s2.pipelines.token_band import latent_band_coords, release_band_mesh
-    from direct3d_s2.utils import mesh2index, normalize_mesh, sort_block  # noqa: F401
+    from direct3d_s2.utils import mesh2index, normalize_mesh
 
     v, f = h.inputs["mesh_v"].astype(np.float64), h.inputs["mesh_f"].astype(np.int64)
     mesh = trimesh.Trimesh(v * 0.8 + 0.03, f, process=False)  # off-centre and smaller: the renormalisation matters
