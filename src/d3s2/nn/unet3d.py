@@ -1,0 +1,221 @@
+"""Dense 3D UNet of the release's two refiners (``model_refiner.ckpt`` / ``model_refiner_1024.ckpt``).
+
+The release refines the decoded SDF with a dense UNet over 192^3 / 256^3 patches (shared/reference/official-release.md,
+"Refiners"). Its layout, read off the authors' classes (facts only, written anew here):
+
+* ``conv_in`` Conv3d 3^3 to ``channels[0]``; per level a down block of ``layers_per_block`` residual blocks and, but on
+  the last level, a stride-2 Conv3d(k=2) down-sampler; a middle block of ``layers_mid_block + 1`` residual blocks at
+  the last width; up blocks of ``layers_per_block + 1`` residual blocks on ``cat(hidden, skip)`` and, but on the last,
+  a ConvTranspose3d(k=2, s=2) up-sampler; ``conv_norm_out`` GroupNorm + SiLU; no output conv.
+* residual block: GroupNorm (computed in fp32, cast back) -> SiLU -> Conv3d 3^3 -> GroupNorm -> SiLU -> Conv3d 3^3,
+  plus the input (through a 1x1x1 conv when the width changes); GroupNorm with 4 groups, eps 1e-5.
+* fp16 as released (``use_fp16``): convolutions in fp16, GroupNorm parameters stay fp32. :class:`FP32GroupNorm`
+  keeps that under ``module.to(torch.float16)``.
+
+Parameter names equal the release's (``down_blocks.{i}.resnets.{j}.norm1``, ``...downsamplers.0.conv``,
+``mid_block.resnets.{j}``, ``up_blocks.{i}.upsamplers.0.conv``, ``conv_norm_out``), so its state dicts load strictly.
+
+Memory. A 256^3 patch at width 40 is 1.3 GB in fp16, and GroupNorm done as ``norm(x.float()).half()`` holds three
+such tensors (fp32 copy, fp32 result, fp16 result). Without autograd (``torch.no_grad``) the blocks take a lean path:
+GroupNorm statistics and the normalisation are computed in fp32 over depth slabs of bounded size
+(:func:`group_norm_silu`), the second normalisation and the residual sum are in place, and skip tensors are released as
+soon as their up block has used them. With autograd on, the plain PyTorch path (:func:`group_norm_silu_reference`)
+runs; tests compare the two.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["FP32GroupNorm", "group_norm_silu", "group_norm_silu_reference", "ResnetBlock3d", "DownBlock3d",
+           "UpBlock3d", "MidBlock3d", "UNet3d"]
+
+# elements (of all channels and samples) normalised per slab in the lean GroupNorm: 128 MiB of fp32 temporaries
+SLAB_ELEMENTS = 1 << 25
+
+
+class FP32GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` whose parameters stay fp32 when the module is cast to fp16 / bf16 (the release's
+    ``use_fp16`` converts convolutions only); device moves apply as usual."""
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for p in self.parameters(recurse=False):
+            if p.is_floating_point() and p.dtype != torch.float32:
+                p.data = p.data.float()
+        return self
+
+
+def group_norm_silu_reference(x: torch.Tensor, norm: nn.GroupNorm, act: bool = True) -> torch.Tensor:
+    """The release's ``silu(norm(x.float()).to(x.dtype))`` (plain PyTorch; autograd-safe)."""
+    y = F.group_norm(x.float(), norm.num_groups, norm.weight.float(), norm.bias.float(), norm.eps).to(x.dtype)
+    return F.silu(y) if act else y
+
+
+def _slab(x: torch.Tensor) -> int:
+    per_depth = max(1, x.numel() // max(1, x.shape[2]))
+    return max(1, SLAB_ELEMENTS // per_depth)
+
+
+@torch.no_grad()
+def group_norm_silu(x: torch.Tensor, norm: nn.GroupNorm, act: bool = True, out: torch.Tensor | None = None,
+                    slab: int | None = None) -> torch.Tensor:
+    """:func:`group_norm_silu_reference` without full-size fp32 temporaries: two fp32 passes over depth slabs
+    (mean, then centred variance, as a two-pass GroupNorm), then the normalised slabs written in ``x.dtype``.
+    ``out``: where to write (may be ``x`` itself: in place). ``x``: [B, C, D, ...] with C divisible by the groups."""
+    b, c = x.shape[:2]
+    g = norm.num_groups
+    depth = x.shape[2]
+    step = slab or _slab(x)
+    per_group = (c // g) * (x.numel() // max(1, b * c))
+    if x.numel() == 0:
+        return x.clone() if out is None else out
+    total = torch.zeros(b, g, dtype=torch.float64, device=x.device)
+    for d0 in range(0, depth, step):
+        total += x[:, :, d0:d0 + step].float().reshape(b, g, -1).sum(-1, dtype=torch.float64)
+    mean = total / per_group
+    sq = torch.zeros(b, g, dtype=torch.float64, device=x.device)
+    mean32 = mean.float()[:, :, None]
+    for d0 in range(0, depth, step):
+        # out of place: for fp32 input .float() and reshape can be views of x
+        chunk = x[:, :, d0:d0 + step].float().reshape(b, g, -1) - mean32
+        sq += chunk.square_().sum(-1, dtype=torch.float64)
+    rstd = torch.rsqrt(sq / per_group + norm.eps)
+    shape = (b, c) + (1,) * (x.dim() - 2)
+    # per channel: y = x * scale + shift with scale = rstd * gamma, shift = beta - mean * scale
+    scale = (rstd.repeat_interleave(c // g, 1) * norm.weight.double()).reshape(shape)
+    shift = (norm.bias.double() - mean.repeat_interleave(c // g, 1) * scale.reshape(b, c)).reshape(shape)
+    scale, shift = scale.float(), shift.float()
+    if out is None:
+        out = torch.empty_like(x)
+    for d0 in range(0, depth, step):
+        y = torch.addcmul(shift, x[:, :, d0:d0 + step].float(), scale).to(x.dtype)
+        if act:
+            F.silu(y, inplace=True)
+        out[:, :, d0:d0 + step] = y
+    return out
+
+
+def _norm_act(x: torch.Tensor, norm: nn.GroupNorm, in_place: bool = False) -> torch.Tensor:
+    if torch.is_grad_enabled():
+        return group_norm_silu_reference(x, norm)
+    return group_norm_silu(x, norm, out=x if in_place else None)
+
+
+class ResnetBlock3d(nn.Module):
+    """GN-SiLU-conv3 twice plus the (1x1x1-projected when the width changes) input."""
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int, eps: float):
+        super().__init__()
+        self.norm1 = FP32GroupNorm(groups, in_channels, eps=eps)
+        self.conv1 = nn.Conv3d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = FP32GroupNorm(groups, out_channels, eps=eps)
+        self.conv2 = nn.Conv3d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(_norm_act(x, self.norm1))
+        h = self.conv2(_norm_act(h, self.norm2, in_place=True))
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return h + skip if torch.is_grad_enabled() else h.add_(skip)
+
+
+class DownBlock3d(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, layers: int, downsample: bool, groups: int, eps: float):
+        super().__init__()
+        self.resnets = nn.ModuleList(ResnetBlock3d(in_channels if i == 0 else out_channels, out_channels, groups, eps)
+                                     for i in range(layers))
+        self.downsamplers = nn.ModuleList([_Down(out_channels)]) if downsample else None
+
+    def forward(self, x: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+        for r in self.resnets:
+            x = r(x)
+            skips.append(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+            skips.append(x)
+        return x
+
+
+class _Down(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv3d(channels, channels, 2, stride=2)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class _Up(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.ConvTranspose3d(channels, channels, 2, stride=2)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class UpBlock3d(nn.Module):
+    """``layers`` residual blocks on ``cat(hidden, skip)`` (skips taken from the end of the list and dropped)."""
+
+    def __init__(self, prev_channels: int, out_channels: int, skip_last: int, layers: int, upsample: bool,
+                 groups: int, eps: float):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock3d((prev_channels if i == 0 else out_channels) + (skip_last if i == layers - 1 else
+                                                                         out_channels), out_channels, groups, eps)
+            for i in range(layers))
+        self.upsamplers = nn.ModuleList([_Up(out_channels)]) if upsample else None
+
+    def forward(self, x: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+        for r in self.resnets:
+            x = torch.cat([x, skips.pop()], 1)
+            x = r(x)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x)
+        return x
+
+
+class MidBlock3d(nn.Module):
+    def __init__(self, channels: int, layers: int, groups: int, eps: float):
+        super().__init__()
+        self.resnets = nn.ModuleList(ResnetBlock3d(channels, channels, groups, eps) for _ in range(layers + 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for r in self.resnets:
+            x = r(x)
+        return x
+
+
+class UNet3d(nn.Module):
+    """The refiners' UNet (module docstring): [B, in, D, H, W] -> [B, channels[0], D, H, W] (GN-SiLU applied); each
+    spatial size must be a multiple of ``2 ** (len(channels) - 1)``."""
+
+    def __init__(self, in_channels: int, channels: list[int], layers_per_block: int, layers_mid_block: int,
+                 groups: int = 4, eps: float = 1e-5):
+        super().__init__()
+        n = len(channels)
+        self.factor = 2 ** (n - 1)
+        self.conv_in = nn.Conv3d(in_channels, channels[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList(
+            DownBlock3d(channels[max(i - 1, 0)], channels[i], layers_per_block, i < n - 1, groups, eps)
+            for i in range(n))
+        self.mid_block = MidBlock3d(channels[-1], layers_mid_block, groups, eps)
+        rev = list(reversed(channels))
+        self.up_blocks = nn.ModuleList(
+            UpBlock3d(rev[max(i - 1, 0)], rev[i], rev[min(i + 1, n - 1)], layers_per_block + 1, i < n - 1, groups,
+                      eps)
+            for i in range(n))
+        self.conv_norm_out = FP32GroupNorm(groups, channels[0], eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(x)
+        skips = [x]
+        for block in self.down_blocks:
+            x = block(x, skips)
+        x = self.mid_block(x)
+        for block in self.up_blocks:
+            x = block(x, skips)
+        return _norm_act(x, self.conv_norm_out, in_place=True)
