@@ -6,7 +6,6 @@ transfer cut half-way leaves no file in the cache and the retry succeeds, offlin
 
 import hashlib
 import io
-import json
 import os
 from pathlib import Path
 
@@ -23,11 +22,6 @@ from release_fixtures import sphere_hooks, tiny_release
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-_ROOT = Path(__file__).resolve().parents[1]
-# the published key list (shared/ sits in or beside the checkout); refiners get those names when it is there
-KEYS_FILE = next((p for p in (_ROOT / "shared", _ROOT.parent / "shared", Path("/work/shared"))
-                  if (p / "reference" / "official_state_dict_keys.json").is_file()), _ROOT) \
-    / "reference" / "official_state_dict_keys.json"
 RELEASE = "wushuang98/Direct3D-S2"
 SUB = "direct3d-s2-v-1-1"
 D3S2_REPO = "tester/d3s2-tiny"
@@ -39,14 +33,6 @@ def _ckpt_bytes(obj) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
-
-
-def _refiner(name):
-    """A refiner checkpoint with the published key names (tiny tensors: d3s2 does not run the refiners)."""
-    keys = [f"w{i}" for i in range(4)]
-    if KEYS_FILE.is_file():
-        keys = list(json.loads(KEYS_FILE.read_text())["components"][name]["keys"])
-    return {"refiner": {k: torch.zeros(1) for k in keys}}
 
 
 def _timm_dinov2(enc) -> bytes:
@@ -81,9 +67,7 @@ def server(tiny, release):
     m = pipe.models
     config, ckpts, _ = release
     files = {"config.yaml": yaml.safe_dump(config).encode(),
-             **{name: _ckpt_bytes(ckpt) for name, ckpt in ckpts.items()},
-             "model_refiner.ckpt": _ckpt_bytes(_refiner("refiner")),
-             "model_refiner_1024.ckpt": _ckpt_bytes(_refiner("refiner_1024"))}
+             **{name: _ckpt_bytes(ckpt) for name, ckpt in ckpts.items()}}  # refiners: strict, full-size meta
     hub = FakeHub().start()
     hub.add_repo(RELEASE, {f"{sub}/{k}": v for k, v in files.items()
                            for sub in (SUB, "direct3d-s2-v-1-0")} | {"README.md": b"# release\n"})

@@ -32,7 +32,7 @@ from d3s2.nn.adaptive_filter import adaptive_filter
 from d3s2.nn.unet3d import UNet3d
 
 __all__ = ["SDFRefinerConfig", "SignRefinerConfig", "SDFRefiner", "SignRefiner", "REFINERS",
-           "load_official_state_dict", "load_refiner_checkpoint", "build_refiner"]
+           "load_official_state_dict", "load_refiner_checkpoint", "build_refiner", "check_config"]
 
 # depth slabs of the per-voxel MLP: at most this many voxels through it at once
 _MLP_VOXELS = 1 << 21
@@ -77,7 +77,8 @@ class SignRefinerConfig:
     resolution: int = 512
 
 
-def _check(cfg, where: str) -> None:
+def check_config(cfg, where: str) -> None:
+    """One-line D3S2Error for a refiner config the UNet cannot build or run."""
     ch = list(cfg.block_out_channels)
     if len(ch) < 1 or any(int(c) <= 0 for c in ch):
         raise D3S2Error(f"{where}: block_out_channels must be positive widths, got {ch}")
@@ -128,7 +129,7 @@ class SDFRefiner(_Refiner):
     def __init__(self, config: SDFRefinerConfig | None = None):
         super().__init__()
         cfg = self.config = config or SDFRefinerConfig()
-        _check(cfg, "SDFRefinerConfig")
+        check_config(cfg, "SDFRefinerConfig")
         if cfg.mlp_layers < 2:
             raise D3S2Error(f"SDFRefinerConfig: mlp_layers must be >= 2, got {cfg.mlp_layers}")
         c = cfg.block_out_channels[0]
@@ -185,7 +186,7 @@ class SignRefiner(_Refiner):
     def __init__(self, config: SignRefinerConfig | None = None):
         super().__init__()
         cfg = self.config = config or SignRefinerConfig()
-        _check(cfg, "SignRefinerConfig")
+        check_config(cfg, "SignRefinerConfig")
         c = cfg.block_out_channels[0]
         self.unet3d1 = UNet3d(c, list(cfg.block_out_channels), cfg.layers_per_block, cfg.layers_mid_block,
                               cfg.norm_groups, cfg.norm_eps)
@@ -267,5 +268,7 @@ def load_refiner_checkpoint(path_or_state_dict, which: str, config=None) -> nn.M
     try:
         load_into_empty(model, sd, load_official_state_dict)
     except D3S2Error as exc:
+        if where == which:
+            raise
         raise D3S2Error(f"{where} [{key}]: {exc}") from exc
     return model.eval()

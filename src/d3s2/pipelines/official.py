@@ -88,7 +88,8 @@ def release_settings(decode_chunk_1024: int | None = None):
 class ReleaseComponents:
     """What :func:`load_release` read: the folder, its version, the loaded models (``dense_vae``, ``dense_dit``,
     ``ss_vae_512``, ``ss_dit_512``, optionally ``ss_vae_1024``, ``ss_dit_1024``), their configs, the samplers and the
-    release's settings."""
+    release's settings; the refiners (:mod:`d3s2.models.refiner`) when their checkpoints are in the folder (else
+    None)."""
 
     folder: Path
     version: str
@@ -98,13 +99,18 @@ class ReleaseComponents:
     settings: Any
     dtype: torch.dtype = torch.float16
     files: dict[str, Path] = field(default_factory=dict)
+    refiner_512: torch.nn.Module | None = None
+    refiner_1024: torch.nn.Module | None = None
 
 
 def load_release(path_or_id: str | os.PathLike, *, version: str | None = None, resolution: int = 1024,
-                 revision: str | None = None, local_files_only: bool | None = None) -> ReleaseComponents:
+                 revision: str | None = None, local_files_only: bool | None = None,
+                 refiners: bool = True) -> ReleaseComponents:
     """Read a release folder or hub id (see the module docstring). ``version``: ``"v1.0"`` / ``"v1.1"`` to insist on
     one (an error if the folder holds the other). ``resolution``: 512 skips (and does not download) the 1024 stage's
-    files. The models stay where the checkpoint tensors are (CPU, in the stored dtype)."""
+    files. ``refiners``: also load ``model_refiner.ckpt`` / ``model_refiner_1024.ckpt`` (strictly) when the folder
+    holds them and config.yaml names them (the 1024 one only with the 1024 stage). The models stay where the
+    checkpoint tensors are (CPU, in the stored dtype)."""
     from d3s2.models import dense_dit, dense_vae, ss_dit, ss_vae
     from d3s2.models.loading import empty_weights, load_into_empty
     from d3s2.pipelines.image_to_3d import _model_class
@@ -144,9 +150,31 @@ def load_release(path_or_id: str | os.PathLike, *, version: str | None = None, r
             models[name] = model
             files[name] = path
         del ckpt
+    loaded = _load_refiners(folder, rel.refiners, files) if refiners else {}
     settings = release_settings(rel.decode_chunk_1024)
     return ReleaseComponents(folder=folder, version=rel.version, models=models, configs=rel.models,
-                             samplers=rel.samplers, settings=settings, files=files)
+                             samplers=rel.samplers, settings=settings, files=files, **loaded)
+
+
+def _load_refiners(folder: Path, configs: dict[str, tuple[str, Any]], files: dict[str, Path]) -> dict:
+    from d3s2.models.refiner import REFINERS, load_refiner_checkpoint
+
+    out = {}
+    for name, (_, cfg) in configs.items():
+        path = folder / REFINERS[name][1]
+        if not path.is_file():
+            continue
+        ckpt = read_checkpoint(path)
+        key = REFINERS[name][2]
+        if key not in ckpt:
+            raise D3S2Error(f"{path}: no '{key}' state dict (found keys: {', '.join(map(str, ckpt))})")
+        try:
+            out[name] = load_refiner_checkpoint(ckpt[key], name, cfg)
+        except D3S2Error as exc:
+            raise D3S2Error(f"{path} [{key}]: {exc}") from exc
+        files[name] = path
+        del ckpt
+    return out
 
 
 def load_official_pipeline(path_or_id: str | os.PathLike, device=None, dtype=None, low_vram=None, *,
