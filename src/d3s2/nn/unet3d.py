@@ -17,8 +17,9 @@ Parameter names equal the release's (``down_blocks.{i}.resnets.{j}.norm1``, ``..
 
 Memory. A 256^3 patch at width 40 is 1.3 GB in fp16, and GroupNorm done as ``norm(x.float()).half()`` holds three
 such tensors (fp32 copy, fp32 result, fp16 result). Without autograd (``torch.no_grad``) the blocks take a lean path:
-GroupNorm statistics and the normalisation are computed in fp32 over depth slabs of bounded size
-(:func:`group_norm_silu`), the second normalisation and the residual sum are in place, and skip tensors are released as
+GroupNorm statistics are computed in fp32 over depth slabs of bounded size and the normalisation in fp32 straight
+into an output of the input's dtype (:func:`group_norm_silu`), the second normalisation and the residual sum are in
+place, and skip tensors are released as
 soon as their up block has used them. With autograd on, the plain PyTorch path (:func:`group_norm_silu_reference`)
 runs; tests compare the two.
 """
@@ -32,7 +33,7 @@ from torch import nn
 __all__ = ["FP32GroupNorm", "group_norm_silu", "group_norm_silu_reference", "ResnetBlock3d", "DownBlock3d",
            "UpBlock3d", "MidBlock3d", "UNet3d"]
 
-# elements (of all channels and samples) normalised per slab in the lean GroupNorm: 128 MiB of fp32 temporaries
+# elements (of all channels and samples) per slab of the lean GroupNorm's statistics: 128 MiB of fp32 temporaries
 SLAB_ELEMENTS = 1 << 25
 
 
@@ -59,42 +60,54 @@ def _slab(x: torch.Tensor) -> int:
     return max(1, SLAB_ELEMENTS // per_depth)
 
 
+def _group_stats(x: torch.Tensor, groups: int, slab: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (sample, group) mean and biased variance in fp64 from fp32 ``var_mean`` of depth slabs, combined with
+    Chan et al.'s pairwise update (one read of ``x``; a full-size fp32 copy is never made)."""
+    b = x.shape[0]
+    if slab is None and x.dtype == torch.float32 and x.is_contiguous():
+        var, mean = torch.var_mean(x.reshape(b, groups, -1), dim=-1, correction=0)
+        return mean.double(), var.double()
+    step = slab or _slab(x)
+    count, mean, m2 = 0, None, None
+    for d0 in range(0, x.shape[2], step):
+        chunk = x[:, :, d0:d0 + step].float().reshape(b, groups, -1)
+        v, m = torch.var_mean(chunk, dim=-1, correction=0)
+        n = chunk.shape[-1]
+        m, v = m.double(), v.double()
+        if mean is None:
+            count, mean, m2 = n, m, v * n
+            continue
+        delta = m - mean
+        total = count + n
+        mean = mean + delta * (n / total)
+        m2 = m2 + v * n + delta.square() * (count * n / total)
+        count = total
+    return mean, m2 / count
+
+
 @torch.no_grad()
 def group_norm_silu(x: torch.Tensor, norm: nn.GroupNorm, act: bool = True, out: torch.Tensor | None = None,
                     slab: int | None = None) -> torch.Tensor:
-    """:func:`group_norm_silu_reference` without full-size fp32 temporaries: two fp32 passes over depth slabs
-    (mean, then centred variance, as a two-pass GroupNorm), then the normalised slabs written in ``x.dtype``.
-    ``out``: where to write (may be ``x`` itself: in place). ``x``: [B, C, D, ...] with C divisible by the groups."""
-    b, c = x.shape[:2]
-    g = norm.num_groups
-    depth = x.shape[2]
-    step = slab or _slab(x)
-    per_group = (c // g) * (x.numel() // max(1, b * c))
+    """:func:`group_norm_silu_reference` without full-size fp32 temporaries: group statistics from fp32 depth slabs
+    (:func:`_group_stats`; ``slab`` depths per slab, default: bounded by :data:`SLAB_ELEMENTS`, and one pass without
+    slabs for contiguous fp32), then ``x * scale + shift`` per channel computed in fp32 and written in ``x.dtype``
+    (then SiLU in that dtype, as the release casts before its SiLU). ``out``: where to write (may be ``x``: in
+    place). ``x``: [B, C, D, ...] with C divisible by the groups."""
     if x.numel() == 0:
         return x.clone() if out is None else out
-    total = torch.zeros(b, g, dtype=torch.float64, device=x.device)
-    for d0 in range(0, depth, step):
-        total += x[:, :, d0:d0 + step].float().reshape(b, g, -1).sum(-1, dtype=torch.float64)
-    mean = total / per_group
-    sq = torch.zeros(b, g, dtype=torch.float64, device=x.device)
-    mean32 = mean.float()[:, :, None]
-    for d0 in range(0, depth, step):
-        # out of place: for fp32 input .float() and reshape can be views of x
-        chunk = x[:, :, d0:d0 + step].float().reshape(b, g, -1) - mean32
-        sq += chunk.square_().sum(-1, dtype=torch.float64)
-    rstd = torch.rsqrt(sq / per_group + norm.eps)
+    b, c = x.shape[:2]
+    g = norm.num_groups
+    mean, var = _group_stats(x, g, slab)
+    rstd = torch.rsqrt(var + norm.eps)
     shape = (b, c) + (1,) * (x.dim() - 2)
-    # per channel: y = x * scale + shift with scale = rstd * gamma, shift = beta - mean * scale
-    scale = (rstd.repeat_interleave(c // g, 1) * norm.weight.double()).reshape(shape)
-    shift = (norm.bias.double() - mean.repeat_interleave(c // g, 1) * scale.reshape(b, c)).reshape(shape)
-    scale, shift = scale.float(), shift.float()
+    # per channel: y = x * scale + shift with scale = rstd * gamma, shift = beta - mean * scale (F.group_norm's form)
+    scale = rstd.repeat_interleave(c // g, 1) * norm.weight.double()
+    shift = norm.bias.double() - mean.repeat_interleave(c // g, 1) * scale
     if out is None:
         out = torch.empty_like(x)
-    for d0 in range(0, depth, step):
-        y = torch.addcmul(shift, x[:, :, d0:d0 + step].float(), scale).to(x.dtype)
-        if act:
-            F.silu(y, inplace=True)
-        out[:, :, d0:d0 + step] = y
+    torch.addcmul(shift.float().reshape(shape), x, scale.float().reshape(shape), out=out)
+    if act:
+        F.silu(out, inplace=True)
     return out
 
 
