@@ -14,7 +14,8 @@ from d3s2.models.refiner import (REFINERS, SDFRefiner, SDFRefinerConfig, SignRef
                                  build_refiner, load_refiner_checkpoint)
 from d3s2.nn import unet3d
 from d3s2.nn.adaptive_filter import adaptive_filter, adaptive_filter_reference
-from d3s2.nn.unet3d import FP32GroupNorm, group_norm_silu, group_norm_silu_reference
+from d3s2.nn.unet3d import (FP32GroupNorm, ResnetBlock3d, group_norm_silu, group_norm_silu_parts,
+                            group_norm_silu_reference)
 from d3s2.pipelines.official import load_release
 from d3s2.pipelines.release_config import read_release_config
 from release_fixtures import KEYS, meta_checkpoints, release_config, tiny_refiners, write_release_folder
@@ -170,6 +171,24 @@ def test_group_norm_silu_matches_plain(shape, groups):
         assert group_norm_silu(y, norm, act, out=y, slab=2) is y and torch.allclose(y, want, atol=2e-6, rtol=1e-5)
     assert torch.allclose(want, F.group_norm(x, groups, norm.weight, norm.bias, norm.eps))  # act=False is plain GN
     assert group_norm_silu(torch.empty(0, 8, 2, 2, 2), norm).shape == (0, 8, 2, 2, 2)
+
+
+def test_concatenation_free_norm_and_block_match_plain():
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(2, 5, 3, 4, 6, generator=g) + 2, torch.randn(2, 3, 3, 4, 6, generator=g) * 0.5
+    norm = FP32GroupNorm(2, 8)  # groups of 4 channels: the second spans a's last channel and all of b
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(8, generator=g))
+    want = group_norm_silu_reference(torch.cat([a, b], 1), norm)
+    pa, pb = a.clone(), b.clone()
+    got = group_norm_silu_parts([pa, pb], norm, slab=2)
+    assert got[0] is pa and got[1] is pb  # in place
+    assert torch.allclose(torch.cat(got, 1), want, atol=2e-6, rtol=1e-5)
+    block = ResnetBlock3d(8, 4, 2, 1e-5)
+    plain = block(torch.cat([a, b], 1)).detach()
+    with torch.no_grad():
+        lean = block.forward_cat(a.clone(), b.clone())
+    assert torch.allclose(lean, plain, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 5, 5, 5), (2, 8, 3, 7, 4), (1, 3, 1, 1, 1)])

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FP32GroupNorm", "group_norm_silu", "group_norm_silu_reference", "ResnetBlock3d", "DownBlock3d",
+__all__ = ["FP32GroupNorm", "group_norm_silu", "group_norm_silu_parts", "group_norm_silu_reference", "ResnetBlock3d", "DownBlock3d",
            "UpBlock3d", "MidBlock3d", "UNet3d"]
 
 # elements (of all channels and samples) per slab of the lean GroupNorm's statistics: 128 MiB of fp32 temporaries
@@ -60,17 +60,18 @@ def _slab(x: torch.Tensor) -> int:
     return max(1, SLAB_ELEMENTS // per_depth)
 
 
-def _group_stats(x: torch.Tensor, groups: int, slab: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per (sample, group) mean and biased variance in fp64 from fp32 ``var_mean`` of depth slabs, combined with
-    Chan et al.'s pairwise update (one read of ``x``; a full-size fp32 copy is never made)."""
-    b = x.shape[0]
+def _channel_stats(x: torch.Tensor, slab: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per (sample, channel) mean and sum of squared deviations (fp64) and the voxel count, from fp32 ``var_mean``
+    of depth slabs combined with Chan et al.'s pairwise update (one read of ``x``, no full-size fp32 copy)."""
+    b, c = x.shape[:2]
     if slab is None and x.dtype == torch.float32 and x.is_contiguous():
-        var, mean = torch.var_mean(x.reshape(b, groups, -1), dim=-1, correction=0)
-        return mean.double(), var.double()
+        var, mean = torch.var_mean(x.reshape(b, c, -1), dim=-1, correction=0)
+        n = x.numel() // (b * c)
+        return mean.double(), var.double() * n, n
     step = slab or _slab(x)
     count, mean, m2 = 0, None, None
     for d0 in range(0, x.shape[2], step):
-        chunk = x[:, :, d0:d0 + step].float().reshape(b, groups, -1)
+        chunk = x[:, :, d0:d0 + step].float().reshape(b, c, -1)
         v, m = torch.var_mean(chunk, dim=-1, correction=0)
         n = chunk.shape[-1]
         m, v = m.double(), v.double()
@@ -82,32 +83,62 @@ def _group_stats(x: torch.Tensor, groups: int, slab: int | None) -> tuple[torch.
         mean = mean + delta * (n / total)
         m2 = m2 + v * n + delta.square() * (count * n / total)
         count = total
-    return mean, m2 / count
+    return mean, m2, count
+
+
+def _affine(parts: list[torch.Tensor], norm: nn.GroupNorm, slab: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """GroupNorm of ``cat(parts, 1)`` as a per-channel affine map ``y = x * scale + shift`` ([B, C] fp64 each;
+    F.group_norm's form), groups spanning the parts' channels as they would in the concatenation."""
+    stats = [_channel_stats(p, slab) for p in parts]
+    n = stats[0][2]
+    mean = torch.cat([m for m, _, _ in stats], 1)
+    m2 = torch.cat([q for _, q, _ in stats], 1)
+    b, c = mean.shape
+    g = norm.num_groups
+    gm = mean.reshape(b, g, -1)
+    group_mean = gm.mean(-1, keepdim=True)  # equal counts per channel
+    group_var = (m2.reshape(b, g, -1).sum(-1, keepdim=True) + n * (gm - group_mean).square().sum(-1, keepdim=True)) \
+        / (n * gm.shape[-1])
+    rstd = torch.rsqrt(group_var + norm.eps)
+    scale = (rstd * torch.ones_like(gm)).reshape(b, c) * norm.weight.double()
+    shift = norm.bias.double() - (group_mean * torch.ones_like(gm)).reshape(b, c) * scale
+    return scale, shift
+
+
+def _apply(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, act: bool, out: torch.Tensor | None):
+    shape = tuple(scale.shape) + (1,) * (x.dim() - 2)
+    if out is None:
+        out = torch.empty_like(x)
+    # computed in fp32, written in x.dtype (then SiLU in that dtype: the release casts before its SiLU)
+    torch.addcmul(shift.float().reshape(shape), x, scale.float().reshape(shape), out=out)
+    if act:
+        F.silu(out, inplace=True)
+    return out
 
 
 @torch.no_grad()
 def group_norm_silu(x: torch.Tensor, norm: nn.GroupNorm, act: bool = True, out: torch.Tensor | None = None,
                     slab: int | None = None) -> torch.Tensor:
-    """:func:`group_norm_silu_reference` without full-size fp32 temporaries: group statistics from fp32 depth slabs
-    (:func:`_group_stats`; ``slab`` depths per slab, default: bounded by :data:`SLAB_ELEMENTS`, and one pass without
-    slabs for contiguous fp32), then ``x * scale + shift`` per channel computed in fp32 and written in ``x.dtype``
-    (then SiLU in that dtype, as the release casts before its SiLU). ``out``: where to write (may be ``x``: in
-    place). ``x``: [B, C, D, ...] with C divisible by the groups."""
+    """:func:`group_norm_silu_reference` without full-size fp32 temporaries: statistics from fp32 depth slabs
+    (``slab`` depths per slab; default: bounded by :data:`SLAB_ELEMENTS`, one pass without slabs for contiguous
+    fp32), then ``x * scale + shift`` per channel computed in fp32 and written in ``x.dtype``. ``out``: where to write
+    (may be ``x``: in place). ``x``: [B, C, D, ...] with C divisible by the groups."""
     if x.numel() == 0:
         return x.clone() if out is None else out
-    b, c = x.shape[:2]
-    g = norm.num_groups
-    mean, var = _group_stats(x, g, slab)
-    rstd = torch.rsqrt(var + norm.eps)
-    shape = (b, c) + (1,) * (x.dim() - 2)
-    # per channel: y = x * scale + shift with scale = rstd * gamma, shift = beta - mean * scale (F.group_norm's form)
-    scale = rstd.repeat_interleave(c // g, 1) * norm.weight.double()
-    shift = norm.bias.double() - mean.repeat_interleave(c // g, 1) * scale
-    if out is None:
-        out = torch.empty_like(x)
-    torch.addcmul(shift.float().reshape(shape), x, scale.float().reshape(shape), out=out)
-    if act:
-        F.silu(out, inplace=True)
+    return _apply(x, *_affine([x], norm, slab), act, out)
+
+
+@torch.no_grad()
+def group_norm_silu_parts(parts: list[torch.Tensor], norm: nn.GroupNorm, act: bool = True,
+                          slab: int | None = None) -> list[torch.Tensor]:
+    """GroupNorm(+SiLU) of ``torch.cat(parts, 1)`` returned as the normalised parts, written IN PLACE into the
+    parts (the concatenation is never built)."""
+    scale, shift = _affine(parts, norm, slab)
+    out, c0 = [], 0
+    for p in parts:
+        c1 = c0 + p.shape[1]
+        out.append(_apply(p, scale[:, c0:c1], shift[:, c0:c1], act, p))
+        c0 = c1
     return out
 
 
@@ -133,6 +164,26 @@ class ResnetBlock3d(nn.Module):
         h = self.conv2(_norm_act(h, self.norm2, in_place=True))
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return h + skip if torch.is_grad_enabled() else h.add_(skip)
+
+    def forward_cat(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """``forward(torch.cat([x, skip], 1))`` without building the concatenation; without autograd both inputs
+        are overwritten (the up blocks own them). The convolutions over the concatenation are split by input
+        channels (``conv(cat(a, b), W) = conv(a, W_a) + conv(b, W_b)``)."""
+        if torch.is_grad_enabled() or self.conv_shortcut is None:
+            return self(torch.cat([x, skip], 1))
+        ca = x.shape[1]
+        res = _conv_split(self.conv_shortcut, x, skip, ca)
+        x, skip = group_norm_silu_parts([x, skip], self.norm1)
+        h = _conv_split(self.conv1, x, skip, ca)
+        del x, skip
+        h = self.conv2(_norm_act(h, self.norm2, in_place=True))
+        return h.add_(res)
+
+
+def _conv_split(conv: nn.Conv3d, a: torch.Tensor, b: torch.Tensor, ca: int) -> torch.Tensor:
+    w = conv.weight
+    out = F.conv3d(a, w[:, :ca], conv.bias, conv.stride, conv.padding)
+    return out.add_(F.conv3d(b, w[:, ca:], None, conv.stride, conv.padding))
 
 
 class DownBlock3d(nn.Module):
@@ -184,8 +235,7 @@ class UpBlock3d(nn.Module):
 
     def forward(self, x: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
         for r in self.resnets:
-            x = torch.cat([x, skips.pop()], 1)
-            x = r(x)
+            x = r.forward_cat(x, skips.pop())
         if self.upsamplers is not None:
             x = self.upsamplers[0](x)
         return x
