@@ -9,8 +9,9 @@ Models: :class:`d3s2.models.refiner.SDFRefiner` / :class:`~d3s2.models.refiner.S
 runs them (``.to(dtype)``: convs / linears in that dtype, GroupNorm fp32). Input: one patch as densified from a
 decoded band (SDF 1 outside two voxels of a bumpy sphere, ``s / tau`` inside; features random in the band, 0
 outside). Under ``torch.no_grad`` (the lean path). Reported per (model, dtype): median seconds of ``--repeats`` runs
-after a warm-up, peak memory above the weights and the input (``torch.cuda.max_memory_allocated``), the output's
-range. ``--tiny``: 32^3 patches of the same networks on the CPU (no memory figure). Writes
+after a warm-up, peak memory above the weights and the input (``torch.cuda.max_memory_allocated``; includes cuDNN
+workspaces), the live activations' peak of the same forward traced on the meta device (``live_bytes.py``; without
+workspaces), the output's range. ``--tiny``: 32^3 patches of the same networks on the CPU (no memory figure). Writes
 ``refiner_patch-<device>.json``.
 """
 
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE / "parity"))
 
@@ -64,7 +66,12 @@ def run_one(which: str, patch: int, dtype: torch.dtype, dev: torch.device, repea
                 times.append(time.perf_counter() - t0)
             if i < repeats:
                 del out
-    res = {"model": which, "patch": patch, "dtype": str(dtype).replace("torch.", ""), "band_voxels": band,
+    from live_bytes import meta_patch_peak
+
+    meta = build_refiner(which, empty=True).to(dtype)
+    margs = [torch.empty(a.shape, device="meta", dtype=a.dtype) for a in args]
+    meta_peak = meta_patch_peak(meta, *margs) / 2 ** 30
+    res = {"model": which, "activation_peak_gib_meta": meta_peak, "patch": patch, "dtype": str(dtype).replace("torch.", ""), "band_voxels": band,
            "seconds_median": statistics.median(times), "seconds": times, "peak_gib_above_weights_and_input": peak,
            "weights_gib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 30,
            "out_min": float(out.min()), "out_max": float(out.max()), "finite": bool(torch.isfinite(out).all())}
