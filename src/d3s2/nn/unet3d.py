@@ -19,8 +19,9 @@ Memory. A 256^3 patch at width 40 is 1.3 GB in fp16, and GroupNorm done as ``nor
 such tensors (fp32 copy, fp32 result, fp16 result). Without autograd (``torch.no_grad``) the blocks take a lean path:
 GroupNorm statistics are computed in fp32 over depth slabs of bounded size and the normalisation in fp32 straight
 into an output of the input's dtype (:func:`group_norm_silu`), the second normalisation and the residual sum are in
-place, and skip tensors are released as
-soon as their up block has used them. With autograd on, the plain PyTorch path (:func:`group_norm_silu_reference`)
+place, the up blocks never build ``cat(hidden, skip)`` (:meth:`ResnetBlock3d.forward_cat`: statistics per part,
+normalisation in place, convolutions split by input channels) and skip tensors are released as soon as their up
+block has used them. With autograd on, the plain PyTorch path (:func:`group_norm_silu_reference`)
 runs; tests compare the two.
 """
 
