@@ -173,6 +173,22 @@ def test_group_norm_silu_matches_plain(shape, groups):
     assert group_norm_silu(torch.empty(0, 8, 2, 2, 2), norm).shape == (0, 8, 2, 2, 2)
 
 
+def test_half_precision_lean_paths_stay_within_fp16_rounding():
+    g = torch.Generator().manual_seed(9)
+    x = (torch.randn(2, 40, 6, 5, 4, generator=g) * 2 + 3).half()
+    norm = FP32GroupNorm(4, 40).half()  # parameters stay fp32, as the release's
+    with torch.no_grad():
+        want = group_norm_silu_reference(x, norm).float()
+        got = group_norm_silu(x, norm, slab=2)
+        parts = group_norm_silu_parts([x[:, :30].clone(), x[:, 30:].clone()], norm)
+        assert got.dtype == torch.float16
+        for y in (got.float(), torch.cat(parts, 1).float()):
+            assert (y - want).abs().max() <= 2e-3 * want.abs().max()  # ~ one fp16 ulp
+        w, v = torch.randn(2, 27, 6, 5, 4, generator=g).half(), torch.randn(2, 8, 6, 5, 4, generator=g).half()
+        ref = adaptive_filter_reference(v, w).float()
+        assert (adaptive_filter(v, w.clone()).float() - ref).abs().max() <= 1e-2 * ref.abs().max()
+
+
 def test_concatenation_free_norm_and_block_match_plain():
     g = torch.Generator().manual_seed(4)
     a, b = torch.randn(2, 5, 3, 4, 6, generator=g) + 2, torch.randn(2, 3, 3, 4, 6, generator=g) * 0.5
