@@ -257,8 +257,10 @@ def test_full_size_patch_activation_peak(which, patch, bound_gib):
     assert 0.5 < peak <= bound_gib, peak
 
 
-def test_the_authors_patch_when_their_snapshot_is_here():
-    """The full-size release network on a 16^3 patch against the authors' class (skipped without the snapshot)."""
+@pytest.mark.parametrize("which", ["refiner_512", "refiner_1024"])
+def test_the_authors_patch_when_their_snapshot_is_here(which):
+    """The full-size release networks on a 16^3 patch against the authors' classes, through the parity harness's
+    per-patch sequences (skipped without the snapshot)."""
     snap = next((p for p in (Path(__file__).resolve().parents[1] / ".snapshots" / "Direct3D-S2",
                              Path("/work/main/.snapshots/Direct3D-S2")) if (p / "direct3d_s2").is_dir()), None)
     if snap is None:
@@ -268,15 +270,17 @@ def test_the_authors_patch_when_their_snapshot_is_here():
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "parity"))
     from official import get_class, import_official, random_state_dict
+    from refiner_rows import band_patch, theirs_sdf_patch, theirs_sign_patch
 
     import_official(snap)
-    theirs = get_class("direct3d_s2.models.refiner.unet_refiner.Voxel_RefinerXL_sign")(patch_size=256).eval()
+    cls = "Voxel_RefinerXL_sign" if which == "refiner_1024" else "Voxel_RefinerXL"
+    theirs = get_class(f"direct3d_s2.models.refiner.unet_refiner.{cls}")(**KEYS[COMPONENT[which]]["params"]).eval()
     sd = random_state_dict(theirs, 3)
     theirs.load_state_dict(sd)
-    ours = load_refiner_checkpoint(sd, "refiner_1024")
-    x = torch.ones(1, 1, 16, 16, 16)
-    x[:, :, 6:10] = torch.rand(1, 1, 4, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    ours = load_refiner_checkpoint({"refiner": sd}, which)
+    sdf, feats, band = band_patch(16, 32)
+    assert 0 < band < 16 ** 3 and sdf.max() == 1 and feats[0][:, sdf[0, 0] == 1].abs().max() == 0
     with torch.no_grad():
-        want = torch.sigmoid(theirs.conv_out(theirs.unet3d1(theirs.conv_in(x))))
-        got = ours(x)
-    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+        want = theirs_sign_patch(theirs, sdf) if which == "refiner_1024" else theirs_sdf_patch(theirs, sdf, feats)
+        got = ours(sdf) if which == "refiner_1024" else ours(sdf, feats)
+    assert want.std() > 0 and (got - want).abs().max() <= 1e-5 * want.abs().max()
