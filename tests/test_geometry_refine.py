@@ -84,18 +84,19 @@ def skimage_mesh(volume, level):
 
 
 def assert_same_mesh(va, fa, vb, fb):
+    """Same vertex set (within 1e-5 grid units, nearest neighbours both ways) and the same triangles."""
+    from scipy.spatial import cKDTree
+
     va, vb = np.asarray(va, np.float64), np.asarray(vb, np.float64)
     assert len(fa) == len(fb) and len(va) == len(vb)
     if len(va) == 0:
         return
-    sa, sb = va[np.lexsort(va.T[::-1])], vb[np.lexsort(vb.T[::-1])]
-    assert np.abs(sa - sb).max() <= 1e-5
-    # same triangles: each face as its sorted rounded corner positions
-    def tri_set(v, f):
-        t = np.round(v[np.asarray(f)] * 1e4).astype(np.int64)
-        t = np.sort(t.view([("x", np.int64), ("y", np.int64), ("z", np.int64)]).reshape(len(f), 3), axis=1)
-        return sorted(map(lambda r: tuple(tuple(x) for x in r.tolist()), t))
-    assert tri_set(va, fa) == tri_set(vb, fb)
+    d_ab, idx = cKDTree(va).query(vb)
+    d_ba = cKDTree(vb).query(va)[0]
+    assert max(d_ab.max(), d_ba.max()) <= 1e-5
+    tri_a = sorted(tuple(sorted(t)) for t in np.asarray(fa).tolist())
+    tri_b = sorted(tuple(sorted(t)) for t in idx[np.asarray(fb)].tolist())
+    assert tri_a == tri_b
 
 
 R5, P5 = 40, 16  # 512 stand-in: stride 12, overlap 4
@@ -189,6 +190,10 @@ def test_bad_inputs_clear_errors():
         refined_sdf_grid(net, coords, torch.full_like(sdf, float("nan")), feats, resolution=R5)
     with pytest.raises(D3S2Error, match="tile"):
         refined_sdf_grid(SDFNet(15), coords, sdf, feats, resolution=R5)
+    cfg_net = SDFNet(P5)
+    cfg_net.config = type("Cfg", (), {"patch_stride": 10})()
+    with pytest.raises(D3S2Error, match="patch_stride = 10"):
+        refined_sdf_grid(cfg_net, coords, sdf, feats, resolution=R5)
     with pytest.raises(D3S2Error, match="duplicate"):
         refine_signs_1024(SignNet(P1), torch.cat([coords[:3], coords[:1]]), sdf[:4], resolution=R1)
     with pytest.raises(D3S2Error, match="batch_size"):

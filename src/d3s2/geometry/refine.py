@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from d3s2.errors import D3S2Error
-from d3s2.geometry.refine_reference import STEPS, net_dtype, patch_stride
+from d3s2.geometry.refine_reference import STEPS, net_dtype, net_patch
 
 __all__ = ["RefinedField", "SideBits", "refine_sdf_512", "refine_signs_1024", "refined_sdf_grid", "refined_sign_grid",
            "LEVEL_512", "LEVEL_1024"]
@@ -230,8 +230,7 @@ def refined_sdf_grid(net, coords: torch.Tensor, sdf: torch.Tensor, features: tor
     """The release's refined 512 SDF, dense ``[B, 1, R, R, R]`` in the net's dtype, built patch by patch (no dense
     feature grid). ``net(sdf [b,1,P,P,P], features [b,C,P,P,P]) -> [b,1,P,P,P]`` with ``net.patch_size``."""
     _check_inputs(coords, sdf, resolution, features)
-    patch = int(net.patch_size)
-    S = patch_stride(resolution, patch)
+    patch, S = net_patch(net, resolution)
     dtype, dev, R = net_dtype(net, sdf.dtype), sdf.device, resolution
     B = _batch(coords, batch_size)
     C = features.shape[1]
@@ -324,9 +323,8 @@ def refined_sign_grid(net, coords: torch.Tensor, sdf: torch.Tensor, *, resolutio
     _check_inputs(coords, sdf, resolution)
     if resolution % 2:
         raise D3S2Error(f"the sign refiner pools by 2: resolution must be even, got {resolution}")
-    patch = int(net.patch_size)
     H = resolution // 2
-    S = patch_stride(H, patch)
+    patch, S = net_patch(net, H)
     dtype, dev = net_dtype(net, sdf.dtype), sdf.device
     B = _batch(coords, batch_size)
     c = coords.long().to(dev)

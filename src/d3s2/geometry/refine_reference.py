@@ -24,9 +24,25 @@ import torch
 
 from d3s2.errors import D3S2Error
 
-__all__ = ["patch_stride", "net_dtype", "refine_sdf_512_reference", "refine_signs_1024_reference"]
+__all__ = ["patch_stride", "net_patch", "net_dtype", "refine_sdf_512_reference", "refine_signs_1024_reference"]
 
 STEPS = 3  # patches per axis, as in the release
+
+
+def net_patch(net, grid: int) -> tuple[int, int]:
+    """``(patch, stride)`` of ``net`` on a ``grid^3`` volume; a net whose config states another ``patch_stride`` than
+    the release's tiling of that grid is an error."""
+    if not isinstance(getattr(net, "patch_size", None), int):
+        raise D3S2Error(f"refiner network {type(net).__name__} needs an int attribute patch_size (the release's 192 / "
+                        f"256)")
+    patch = int(net.patch_size)
+    stride = patch_stride(grid, patch)
+    cfg = getattr(net, "config", None)
+    have = getattr(cfg, "patch_stride", None)
+    if isinstance(have, int) and have != stride:
+        raise D3S2Error(f"refiner config patch_stride = {have} but the release's tiling of a {grid}^3 grid by patches "
+                        f"of {patch} needs {stride}; fix the refiner config or the resolution")
+    return patch, stride
 
 
 def patch_stride(grid: int, patch: int) -> int:
@@ -43,7 +59,11 @@ def patch_stride(grid: int, patch: int) -> int:
 
 
 def net_dtype(net: torch.nn.Module, fallback: torch.dtype) -> torch.dtype:
-    """The dtype the release computes in: the network's parameters' (fp16 on CUDA in the release)."""
+    """The dtype the release computes in: the network's (fp16 on CUDA in the release). A ``dtype`` attribute wins:
+    a mixed-precision net (fp32 GroupNorm parameters) states its compute dtype there; else the first parameter's."""
+    dt = getattr(net, "dtype", None)
+    if isinstance(dt, torch.dtype):
+        return dt
     for p in net.parameters():
         return p.dtype
     return fallback
@@ -82,8 +102,7 @@ def _blend_axis(parts: list[torch.Tensor], axis: int, grid: int, stride: int, we
 def refine_sdf_512_reference(net, coords: torch.Tensor, sdf: torch.Tensor, features: torch.Tensor, *,
                              resolution: int = 512, batch_size: int | None = None) -> torch.Tensor:
     """Dense refined SDF ``[B, 1, R, R, R]`` (net dtype) of the release's 512 refiner run; see the module docstring."""
-    patch = int(net.patch_size)
-    stride = patch_stride(resolution, patch)
+    patch, stride = net_patch(net, resolution)
     dtype = net_dtype(net, sdf.dtype)
     dev = sdf.device
     B, R = _batch_size(coords, batch_size), resolution
@@ -111,9 +130,8 @@ def refine_signs_1024_reference(net, coords: torch.Tensor, sdf: torch.Tensor, *,
     """Dense signed field ``[B, 1, R, R, R]`` of the release's 1024 sign refiner run; see the module docstring."""
     if resolution % 2:
         raise D3S2Error(f"the sign refiner pools by 2: resolution must be even, got {resolution}")
-    patch = int(net.patch_size)
     H = resolution // 2
-    stride = patch_stride(H, patch)
+    patch, stride = net_patch(net, H)
     dtype = net_dtype(net, sdf.dtype)
     dev = sdf.device
     B, R = _batch_size(coords, batch_size), resolution
