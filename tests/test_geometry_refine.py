@@ -8,6 +8,7 @@ from torch import nn
 
 from d3s2.errors import D3S2Error
 from d3s2.geometry.lewiner import lewiner_marching_cubes
+from d3s2.geometry.marching_cubes import dense_marching_cubes, sparse_marching_cubes
 from d3s2.geometry.refine import refine_sdf_512, refine_signs_1024, refined_sdf_grid, refined_sign_grid
 from d3s2.geometry.refine_reference import patch_stride, refine_sdf_512_reference, refine_signs_1024_reference
 
@@ -137,6 +138,9 @@ def test_sdf_512_lean_equals_reference_and_mesh():
         assert (len(fr) > 0) == (b != 1)
         vl, fl = lewiner_marching_cubes(**f.mc_kwargs())
         assert_same_mesh(vr, fr, vl.numpy(), fl.numpy())
+        vs, fs = sparse_marching_cubes(**f.mc_kwargs("sparse"))  # every straddling cell's corners are explicit
+        vd, fd = dense_marching_cubes(r, 0.4)
+        assert_same_mesh(vd.numpy(), fd.numpy(), vs.numpy(), fs.numpy())
     # world units are the release's v / R * 2 - 1
     vw, _ = lewiner_marching_cubes(**fields[0].mc_kwargs() | {"world": True})
     vg, _ = lewiner_marching_cubes(**fields[0].mc_kwargs())
@@ -173,6 +177,18 @@ def test_signs_1024_lean_equals_reference_and_mesh():
         vr, fr = skimage_mesh(r.numpy(), 0.2)
         vl, fl = lewiner_marching_cubes(**f.mc_kwargs())
         assert_same_mesh(vr, fr, vl.numpy(), fl.numpy())
+    # complete=True: every cell that can make a triangle has its 8 corners, so the sparse (Lorensen) MC of d3s2 gives
+    # the dense grid's triangles too
+    done = []
+    full = refine_signs_1024(net, coords, sdf, resolution=R1, batch_size=4, complete=True,
+                             progress=lambda i, n: done.append((i, n)))
+    assert done == [(i, 27) for i in range(1, 28)]
+    for b in (0, 2):
+        assert torch.equal(full[b].dense(), ref[b, 0]) and len(full[b].coords) > len(fields[b].coords)
+        vs, fs = sparse_marching_cubes(**full[b].mc_kwargs("sparse"))
+        vd, fd = dense_marching_cubes(ref[b, 0], 0.2)
+        assert_same_mesh(vd.numpy(), fd.numpy(), vs.numpy(), fs.numpy())
+        assert len(fs) > 0
     # the empty sample's field is pure signs: its surfaces come from the empty patch's border alone
     assert len(fields[1].values) > 0 and set(fields[1].values.tolist()) <= {1.0, -1.0}
 
@@ -194,6 +210,8 @@ def test_bad_inputs_clear_errors():
     cfg_net.config = type("Cfg", (), {"patch_stride": 10})()
     with pytest.raises(D3S2Error, match="patch_stride = 10"):
         refined_sdf_grid(cfg_net, coords, sdf, feats, resolution=R5)
+    with pytest.raises(D3S2Error, match="duplicate"):
+        refined_sdf_grid(net, torch.cat([coords[:3], coords[:1]]), sdf[:4], feats[:4], resolution=R5)
     with pytest.raises(D3S2Error, match="duplicate"):
         refine_signs_1024(SignNet(P1), torch.cat([coords[:3], coords[:1]]), sdf[:4], resolution=R1)
     with pytest.raises(D3S2Error, match="batch_size"):

@@ -81,9 +81,15 @@ class RefinedField:
         lo = torch.tensor(self.fill_below, dtype=self.values.dtype, device=above.device)
         return torch.where(above, hi, lo).to(coords.device)
 
-    def mc_kwargs(self) -> dict:
-        """Keyword arguments of ``d3s2.geometry.lewiner.lewiner_marching_cubes`` giving the release's mesh: grid units,
-        or with ``world=True`` the release's ``v / R * 2 - 1`` (``world_offset=0.0``)."""
+    def mc_kwargs(self, kind: str = "lewiner") -> dict:
+        """Keyword arguments of ``d3s2.geometry.lewiner.lewiner_marching_cubes`` giving the release's mesh (grid
+        units, or with ``world=True`` the release's ``v / R * 2 - 1``: ``world_offset=0.0``); ``kind="sparse"``: of
+        ``d3s2.geometry.marching_cubes.sparse_marching_cubes`` (Lorensen's tables, cells whose 8 corners are explicit:
+        complete at 512 and with ``refine_signs_1024(complete=True)``; grid units, world ``v / R * 2 - 1`` by hand)."""
+        if kind == "sparse":
+            return dict(coords=self.coords, values=self.values, resolution=self.resolution, level=self.level)
+        if kind != "lewiner":
+            raise D3S2Error(f"mc_kwargs kind must be 'lewiner' or 'sparse', not {kind!r}")
         return dict(coords=self.coords, values=self.values, resolution=self.resolution, level=self.level,
                     fill_fn=self.fill_fn, world_offset=0.0)
 
@@ -237,6 +243,7 @@ def refined_sdf_grid(net, coords: torch.Tensor, sdf: torch.Tensor, features: tor
     c = coords.long().to(dev)
     sdf = sdf.reshape(-1).to(dtype)
     features = features.to(dtype)
+    _sorted_unique(c, R)
     buckets = _Buckets(c, B, patch, S)
 
     def make_input(live, rows, ijk):
@@ -358,10 +365,12 @@ def refined_sign_grid(net, coords: torch.Tensor, sdf: torch.Tensor, *, resolutio
 
 
 def refine_signs_1024(net, coords: torch.Tensor, sdf: torch.Tensor, *, resolution: int = 1024,
-                      level: float = LEVEL_1024, batch_size: int | None = None,
+                      level: float = LEVEL_1024, batch_size: int | None = None, complete: bool = False,
                       progress: Callable[[int, int], None] | None = None) -> list[RefinedField]:
     """The release's 1024 sign refiner run, lean (module docstring): coords ``[N, 4]``, sdf ``[N]``; one
-    ``RefinedField`` per sample whose ``fill_fn`` gives the release's exact values off the band."""
+    ``RefinedField`` per sample whose ``fill_fn`` gives the release's exact values off the band. ``complete``: also
+    make the band's 26-neighbours explicit, so every cell that can hold a triangle has its 8 corners (what
+    ``sparse_marching_cubes`` needs; about 3x the voxels); Lewiner through ``mc_kwargs()`` does not need it."""
     signs = refined_sign_grid(net, coords, sdf, resolution=resolution, batch_size=batch_size, progress=progress)
     dtype = net_dtype(net, sdf.dtype)
     c = coords.long().to(sdf.device)
@@ -386,14 +395,19 @@ def refine_signs_1024(net, coords: torch.Tensor, sdf: torch.Tensor, *, resolutio
             mixed = anyp & ~allp
             del anyp, allp
             m = torch.nonzero(mixed)
-            extra = (2 * m[:, None, :] + corner[None]).reshape(-1, 3)
+            extra = [(2 * m[:, None, :] + corner[None]).reshape(-1, 3)]
             side = SideBits(pos)
             del mixed, m, pos
             sel = c[:, 0] == b
             band, bv = c[sel, 1:], vals[sel]
+            if complete:  # every corner of a cell touching the band: the band's 26-neighbourhood
+                for d in (corner - 1).tolist():
+                    n = band + torch.tensor(d, device=band.device)
+                    extra.append(n[((n >= 0) & (n < R)).all(1)])
+            extra = torch.cat(extra)
+            bk = (band[:, 0] * R + band[:, 1]) * R + band[:, 2]
             if len(extra):
                 ek = torch.unique((extra[:, 0] * R + extra[:, 1]) * R + extra[:, 2])
-                bk = (band[:, 0] * R + band[:, 1]) * R + band[:, 2]
                 if len(bk):
                     hit = torch.searchsorted(bk, ek).clamp_max_(len(bk) - 1)
                     ek = ek[bk[hit] != ek]
