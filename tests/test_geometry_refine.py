@@ -216,3 +216,30 @@ def test_bad_inputs_clear_errors():
         refine_signs_1024(SignNet(P1), torch.cat([coords[:3], coords[:1]]), sdf[:4], resolution=R1)
     with pytest.raises(D3S2Error, match="batch_size"):
         refined_sdf_grid(net, coords, sdf, feats, resolution=R5, batch_size=0)
+
+
+def test_no_voxels_at_all():
+    net, sign = SDFNet(P5), SignNet(P1)
+    c, s, f = torch.zeros(0, 4, dtype=torch.long), torch.zeros(0), torch.zeros(0, 32)
+    assert refine_sdf_512(net, c, s, f, resolution=R5) == [] and refine_signs_1024(sign, c, s, resolution=R1) == []
+    net.calls = sign.calls = 0
+    (a,) = refine_sdf_512(net, c, s, f, resolution=R5, batch_size=1)
+    (b,) = refine_signs_1024(sign, c, s, resolution=R1, batch_size=1)
+    assert net.calls == 1 and sign.calls == 1  # only the empty patch runs
+    torch.testing.assert_close(a.dense() > 0.4, refine_sdf_512_reference(net, c, s, f, resolution=R5,
+                                                                        batch_size=1)[0, 0] > 0.4, atol=0, rtol=0)
+    assert torch.equal(b.dense(), refine_signs_1024_reference(sign, c, s, resolution=R1, batch_size=1)[0, 0])
+
+
+def test_sdf_512_half_precision_mesh_matches_skimage_on_the_fp16_grid():
+    net = SDFNet(P5, seed=3).half()
+    coords, sdf, feats = batch_of(sphere(0, R5, (19, 21, 20), 10.0))
+    ref = refine_sdf_512_reference(net, coords, sdf, feats, resolution=R5)
+    assert ref.dtype == torch.float16
+    (f,) = refine_sdf_512(net, coords, sdf, feats, resolution=R5)
+    assert f.values.dtype == torch.float16
+    torch.testing.assert_close(f.values, ref[0, 0][f.coords[:, 0], f.coords[:, 1], f.coords[:, 2]], atol=0, rtol=0)
+    vr, fr = skimage_mesh(ref[0, 0].numpy(), 0.4)  # the release hands skimage its fp16 grid
+    vl, fl = lewiner_marching_cubes(**f.mc_kwargs())
+    assert len(fr) > 0
+    assert_same_mesh(vr, fr, vl.numpy(), fl.numpy())

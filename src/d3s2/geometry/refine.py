@@ -281,6 +281,15 @@ def refined_sdf_grid(net, coords: torch.Tensor, sdf: torch.Tensor, features: tor
     return out
 
 
+def _level_below(level: float, dtype: torch.dtype) -> float:
+    """The largest ``dtype`` value <= ``level``: for ``dtype`` data ``v > t`` is exactly ``v > level`` (skimage
+    compares the float32 copy of the release's fp16 grid with the level; a plain fp16 comparison would round it)."""
+    t = torch.tensor(level, dtype=torch.float64).to(dtype)
+    if float(t) > level:
+        t = torch.nextafter(t, torch.tensor(float("-inf"), dtype=dtype))
+    return float(t)
+
+
 def _cell_corners_mask(cells: torch.Tensor) -> torch.Tensor:
     """Bool ``[R]^3`` of the voxels that are corners of the marked cells ``[R-1]^3``."""
     R = cells.shape[0] + 1
@@ -291,7 +300,8 @@ def _cell_corners_mask(cells: torch.Tensor) -> torch.Tensor:
 
 
 def _straddling_cells(field: torch.Tensor, level: float) -> torch.Tensor:
-    """Bool ``[R-1]^3``: cells with ``min(corners) <= level <= max(corners)`` (a superset of those with triangles)."""
+    """Bool ``[R-1]^3``: cells with ``min(corners) <= level <= max(corners)`` (a superset of those with triangles;
+    ``level`` from ``_level_below``)."""
     R = field.shape[0]
     lo = hi = None
     for a, b, c in _CORNERS.tolist():
@@ -313,9 +323,10 @@ def refine_sdf_512(net, coords: torch.Tensor, sdf: torch.Tensor, features: torch
     for b in range(grid.shape[0]):
         with torch.inference_mode():
             f = grid[b, 0]
-            vox = _cell_corners_mask(_straddling_cells(f, level))
+            t = _level_below(float(level), f.dtype)
+            vox = _cell_corners_mask(_straddling_cells(f, t))
             pts = torch.nonzero(vox)
-            fields.append(RefinedField(pts, f[vox], resolution, float(level), SideBits(f > level), 1,
+            fields.append(RefinedField(pts, f[vox], resolution, float(level), SideBits(f > t), 1,
                                        float(level) + 1.0, float(level) - 1.0))
         del vox
     return fields
@@ -358,6 +369,8 @@ def refined_sign_grid(net, coords: torch.Tensor, sdf: torch.Tensor, *, resolutio
         return (torch.ones(1, 1, patch, patch, patch, dtype=dtype, device=dev),)
 
     signs = torch.ones(B, H, H, H, dtype=torch.int8, device=dev)
+    if B == 0:
+        return signs
     for i, j, k, o in _run_patches(net, B, buckets, make_input, empty_input, progress):
         signs[:, i * S:i * S + patch, j * S:j * S + patch, k * S:k * S + patch] = torch.where(
             o[:, 0] >= 0.5, 1, -1).to(torch.int8)
