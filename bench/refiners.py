@@ -149,6 +149,21 @@ def mesh_check(field, dense: torch.Tensor, level: float) -> dict:
     return out
 
 
+class count_calls:
+    """Counts the forward calls of ``net`` until ``pop()``."""
+
+    def __init__(self, net):
+        self.n = 0
+        self.handle = net.register_forward_pre_hook(self._hook)
+
+    def _hook(self, *_):
+        self.n += 1
+
+    def pop(self) -> int:
+        self.handle.remove()
+        return self.n
+
+
 def git_commit() -> str:
     try:
         return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
@@ -160,16 +175,18 @@ def git_commit() -> str:
 def run_512(net, device, R, repeats, reference, mc):
     coords, sdf, feats = sphere_band(R, device, channels=32)
     row = {"stage": "refiner_512", "resolution": R, "patch": int(net.patch_size), "voxels": int(len(coords))}
+    calls = count_calls(net)
     grid, row["lean_grid_ms"], row["lean_grid_peak_mib"] = measure(
-        lambda: refined_sdf_grid(net, coords, sdf, feats, resolution=R), device, repeats)
+        lambda: refined_sdf_grid(net, coords, sdf, feats, resolution=R), device, 1)
+    row["net_calls"] = calls.pop()  # 27 patches minus the empty ones, plus one run of the empty patch
     fields, row["lean_ms"], row["lean_peak_mib"] = measure(
         lambda: refine_sdf_512(net, coords, sdf, feats, resolution=R), device, repeats)
     row["lean_explicit_voxels"] = int(len(fields[0].coords))
-    del grid
     if reference:
+        grid = grid.cpu()
         ref, row["reference_ms"], row["reference_peak_mib"] = measure(
             lambda: refine_sdf_512_reference(net, coords, sdf, feats, resolution=R), device, 1)
-        grid = refined_sdf_grid(net, coords, sdf, feats, resolution=R)
+        ref = ref.cpu()
         row["max_abs_diff"] = float((grid.float() - ref.float()).abs().max())
         row["nan"] = bool(torch.isnan(ref).any() or torch.isnan(grid).any())
         del grid
@@ -182,8 +199,11 @@ def run_512(net, device, R, repeats, reference, mc):
 def run_1024(net, device, R, repeats, reference, mc):
     coords, sdf, _ = sphere_band(R, device)
     row = {"stage": "refiner_1024", "resolution": R, "patch": int(net.patch_size), "voxels": int(len(coords))}
-    _, row["lean_grid_ms"], row["lean_grid_peak_mib"] = measure(
-        lambda: refined_sign_grid(net, coords, sdf, resolution=R), device, repeats)
+    calls = count_calls(net)
+    signs, row["lean_grid_ms"], row["lean_grid_peak_mib"] = measure(
+        lambda: refined_sign_grid(net, coords, sdf, resolution=R), device, 1)
+    row["net_calls"] = calls.pop()
+    signs = signs[0].cpu()
     fields, row["lean_ms"], row["lean_peak_mib"] = measure(
         lambda: refine_signs_1024(net, coords, sdf, resolution=R), device, repeats)
     row["lean_explicit_voxels"] = int(len(fields[0].coords))
@@ -195,10 +215,11 @@ def run_1024(net, device, R, repeats, reference, mc):
         c = f.coords
         row["max_abs_diff_explicit"] = float((f.values.float() - ref[0, 0][c[:, 0], c[:, 1], c[:, 2]].float())
                                              .abs().max()) if len(c) else 0.0
-        signs = refined_sign_grid(net, coords, sdf, resolution=R)[0]
         ref_signs = torch.sign(ref[0, 0, ::2, ::2, ::2]).to(torch.int8)
-        band = torch.zeros(R // 2, R // 2, R // 2, dtype=torch.bool, device=device)
-        band[coords[:, 1] // 2, coords[:, 2] // 2, coords[:, 3] // 2] = True  # parents whose (0,0,0) child may be band
+        ref_signs = ref_signs.cpu()
+        band = torch.zeros(R // 2, R // 2, R // 2, dtype=torch.bool)
+        cc = coords.cpu()
+        band[cc[:, 1] // 2, cc[:, 2] // 2, cc[:, 3] // 2] = True  # parents whose (0,0,0) child may be band
         row["sign_mismatch_off_band"] = int(((signs != ref_signs) & ~band).sum())
         del signs, ref_signs, band
         if mc:
@@ -212,7 +233,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true", help="tiny grids and stand-in networks (CPU smoke run)")
     ap.add_argument("--stages", nargs="+", default=["512", "1024"], choices=["512", "1024"])
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2, help="timed runs of the whole lean refine (median)")
     ap.add_argument("--no-reference", action="store_true", help="skip the dense reference run and the checks")
     ap.add_argument("--no-mc", action="store_true", help="skip the marching-cubes comparison")
     ap.add_argument("--out", default=None)
