@@ -149,11 +149,8 @@ def closed_band(coords, values, resolution: int, level: float = 0.0, *, factor: 
     ext_idx = torch.where(gb >= 0, ext_idx, const)
     del gc, gkey, gb, gl, const, in_grid
 
-    def ext_labels() -> torch.Tensor:
-        return lab[ext_idx].view(M, e, e, e)
-
     for _ in range(3 * e * max(1, close) + 8):
-        x = ext_labels()
+        x = lab[ext_idx].view(M, e, e, e)
         nb = [x[:, :-2, 1:-1, 1:-1], x[:, 2:, 1:-1, 1:-1], x[:, 1:-1, :-2, 1:-1], x[:, 1:-1, 2:, 1:-1],
               x[:, 1:-1, 1:-1, :-2], x[:, 1:-1, 1:-1, 2:]]
         s = sum(t.to(torch.int16) for t in nb).reshape(-1)
@@ -165,7 +162,7 @@ def closed_band(coords, values, resolution: int, level: float = 0.0, *, factor: 
     lab[:n_in][lab[:n_in] == 0] = 1  # unreachable pockets cannot occur (every brick borders a known voxel)
 
     # cells (bases at halo positions 0..f) whose corner labels differ, and their corners
-    x = ext_labels().float()[:, None]
+    x = lab[ext_idx].view(M, e, e, e).float()[:, None]
     change = (F.max_pool3d(x, 2, stride=1) != -F.max_pool3d(-x, 2, stride=1)).float()
     corner = F.max_pool3d(change, 2, stride=1, padding=1)[:, 0] > 0  # [M, e, e, e]
     del x, change
