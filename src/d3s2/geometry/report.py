@@ -1,7 +1,8 @@
 """Per-mesh quality report (issue 24): closed or not, boundary edges, components, faces, volume.
 
-- boundary edges: undirected edges used by exactly one face (a closed, welded mesh has none); edges used by more
-  than two faces are counted as ``nonmanifold_edges``;
+- boundary edges: undirected edges used by exactly one face; ``closed`` means none (the issue's and trimesh's
+  ``edges_sorted`` count); edges used by more than two faces are counted apart as ``nonmanifold_edges`` (marching
+  cubes can make a few where two sheets meet on an ambiguous cube face: closed, but not a 2-manifold there);
 - components: faces sharing a vertex are connected (:func:`d3s2.geometry.cleanup.face_components`);
 - volume: signed volume by the divergence theorem (sum of ``det[v0, v1, v2] / 6``), in the mesh's units cubed;
   positive for outward-wound closed meshes, meaningful only when ``closed``.
@@ -61,6 +62,6 @@ def mesh_report(mesh=None, *, vertices=None, faces=None) -> MeshReport:
     nonmanifold = int((counts > 2).sum())
     _, k = face_components(f, len(v))
     volume = float(np.einsum("ij,ij->i", v[f[:, 0]], np.cross(v[f[:, 1]], v[f[:, 2]])).sum() / 6.0) if len(f) else 0.0
-    return MeshReport(closed=bool(len(f) > 0 and boundary == 0 and nonmanifold == 0), boundary_edges=boundary,
+    return MeshReport(closed=bool(len(f) > 0 and boundary == 0), boundary_edges=boundary,
                       nonmanifold_edges=nonmanifold, components=int(k), faces=int(len(f)), vertices=int(len(v)),
                       volume=volume)
