@@ -220,3 +220,20 @@ def test_pipeline_settings_surface_modes():
         PipelineSettings(closed_dilation=-1)
     with pytest.raises(D3S2Error, match="lewiner"):
         PipelineSettings(surface="closed", marching_cubes="lewiner")
+
+
+def test_release_fill_matches_dense_grid_with_fill():
+    """surface 'release' with the vectorised tables: absent voxels take 1.0, every cell touching a voxel exists: the
+    same mesh as dense marching cubes on the grid filled with 1.0 (vertices at g / R * 2 - 1)."""
+    r = 20
+    c, s = _sphere_band(r, 1.0, radius=0.5)
+    keep = torch.rand(len(c), generator=torch.Generator().manual_seed(3)) > 0.2
+    c, s = c[keep], s[keep]
+    v, f = extract_surface(c, s, r, 0.0, SimpleNamespace(surface="release", marching_cubes="lorensen"))
+    vol = np.ones((r, r, r), dtype=np.float32)
+    vol[tuple(c.numpy().T)] = s.numpy()
+    vd, fd = dense_marching_cubes(vol, 0.0)
+    assert len(f) == len(fd) and len(f) > 0
+    a = np.unique(np.round(v.numpy().astype(np.float64), 5), axis=0)
+    b = np.unique(np.round((vd.numpy().astype(np.float64)) * 2 / r - 1, 5), axis=0)
+    np.testing.assert_array_equal(a, b)
