@@ -115,7 +115,8 @@ def closed_band(coords, values, resolution: int, level: float = 0.0, *, factor: 
     M = len(shell_keys)
     brick_of = torch.full((C**3,), -1, dtype=torch.int64, device=device)
     brick_of[shell_keys] = torch.arange(M, device=device)
-    shell_cc = torch.stack([shell_keys // (C * C), (shell_keys // C) % C, shell_keys % C], 1)
+    # int32 coordinates of the bricks' voxels: the per-brick tensors dominate the memory
+    shell_cc = torch.stack([shell_keys // (C * C), (shell_keys // C) % C, shell_keys % C], 1).to(torch.int32)
     n_in = M * f**3
     PLUS, MINUS = n_in, n_in + 1  # constant entries of the label table
 
@@ -128,7 +129,8 @@ def closed_band(coords, values, resolution: int, level: float = 0.0, *, factor: 
     active = torch.zeros(n_in + 2, dtype=torch.bool, device=device)
     active[flat] = True
     lab[flat] = torch.where(values > level, 1, -1).to(torch.int8)
-    local = torch.stack(torch.meshgrid(*[torch.arange(f, device=device)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    local = torch.stack(torch.meshgrid(*[torch.arange(f, device=device, dtype=torch.int32)] * 3, indexing="ij"),
+                        -1).reshape(-1, 3)
     g_in = (shell_cc[:, None, :] * f + local[None]).reshape(-1, 3)
     pad_voxel = ((g_in < PAD) | (g_in >= P - PAD)).any(1)  # padding (and beyond the grid): outside
     lab[:n_in][pad_voxel & ~active[:n_in]] = 1
@@ -136,15 +138,16 @@ def closed_band(coords, values, resolution: int, level: float = 0.0, *, factor: 
 
     # gather index of every brick's voxels with a one-voxel halo: [M, f+2, f+2, f+2] into `lab`
     e = f + 2
-    ext_local = torch.stack(torch.meshgrid(*[torch.arange(-1, f + 1, device=device)] * 3, indexing="ij"), -1)
+    ext_local = torch.stack(torch.meshgrid(*[torch.arange(-1, f + 1, device=device, dtype=torch.int32)] * 3,
+                                            indexing="ij"), -1)
     G = (shell_cc[:, None, :] * f + ext_local.reshape(1, -1, 3)).reshape(-1, 3)
     gc = torch.div(G, f, rounding_mode="floor")
     in_grid = ((gc >= 0) & (gc < C)).all(1)
-    gkey = (gc[:, 0] * C + gc[:, 1]) * C + gc[:, 2]
+    gkey = (gc[:, 0].long() * C + gc[:, 1]) * C + gc[:, 2]
     gkey = torch.where(in_grid, gkey, torch.zeros_like(gkey))
     gb = torch.where(in_grid, brick_of[gkey], torch.full_like(gkey, -1))
     gl = G - gc * f
-    ext_idx = ((gb * f + gl[:, 0]) * f + gl[:, 1]) * f + gl[:, 2]
+    ext_idx = ((gb * f + gl[:, 0]) * f + gl[:, 1]) * f + gl[:, 2]  # int64 (gb)
     const = torch.where(in_grid & ~outside.reshape(-1)[gkey], MINUS, PLUS)
     ext_idx = torch.where(gb >= 0, ext_idx, const)
     del gc, gkey, gb, gl, const, in_grid
@@ -174,10 +177,10 @@ def closed_band(coords, values, resolution: int, level: float = 0.0, *, factor: 
     del G, ext_idx, need, idx
     inside_grid = ((Gn >= 0) & (Gn < P)).all(1)
     Gn, lab_n = Gn[inside_grid], lab_n[inside_grid]
-    nkey = (Gn[:, 0] * P + Gn[:, 1]) * P + Gn[:, 2]
+    nkey = (Gn[:, 0].long() * P + Gn[:, 1]) * P + Gn[:, 2]
     nkey, first = torch.unique(nkey, return_inverse=True)
     pick = torch.zeros(len(nkey), dtype=torch.int64, device=device)
     pick[first] = torch.arange(len(first), device=device)
-    add_c = Gn[pick]
+    add_c = Gn[pick].long()
     add_v = level + c * lab_n[pick]
     return torch.cat([q, add_c]), torch.cat([values, add_v])
