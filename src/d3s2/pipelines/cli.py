@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 
 from d3s2.errors import D3S2Error
+from d3s2.geometry.report import MeshReport
 
 __all__ = ["add_parser", "run_generate", "format_stats"]
 
@@ -122,7 +123,9 @@ def run_generate(args: argparse.Namespace) -> int:
         _print_warnings(caught)
         m = meshes[0]
         extra = f" + {os.fspath(preview)}" if args.preview else ""
-        print(f"{image} -> {os.fspath(target)}{extra} ({len(m.vertices)} vertices, {len(m.faces)} faces): "
+        report = m.metadata.get("d3s2_report")
+        shape = f"; {MeshReport(**report).summary()}" if report else ""
+        print(f"{image} -> {os.fspath(target)}{extra} ({len(m.vertices)} vertices, {len(m.faces)} faces{shape}): "
               f"{format_stats(pipe.last_stats)}")
     if failed:
         print(f"d3s2 generate: {failed} of {len(images)} image(s) failed", file=sys.stderr)

@@ -86,15 +86,25 @@ class PipelineSettings:
     cuda_graphs: bool | None = None
     # the release's computations where they differ from d3s2's (release folders set them; see pipelines/official.py)
     band: str = "d3s2"  # 1024 token set: "d3s2" | "release" (renormalised mesh, grid points i/(R-1)), token_band.py
-    surface: str = "d3s2"  # absent voxels in marching cubes: "d3s2" (no cell) | "release" (value 1.0, vertex g/R*2-1)
+    # absent voxels in marching cubes: "closed" (inside / outside values: closed surfaces, geometry/closed.py) |
+    # "d3s2" (no cell: open where the band stops) | "release" (value 1.0, vertex g/R*2-1)
+    surface: str = "closed"
+    closed_dilation: int = 1  # surface "closed": coarse cells the band is dilated by before the outside flood fill
+    closed_factor: int | None = None  # surface "closed": coarse cell size in voxels (None: grid of at most ~128^3)
+    min_volume_fraction: float = 0.0  # cleanup: drop closed components below this fraction of the largest's volume
+    remove_enclosed: bool = True  # cleanup: drop components inside another (generalised winding number > 0.5)
     marching_cubes: str = "lorensen"  # "lorensen" (vectorised, any device) | "lewiner" (skimage's triangles, CPU)
     preprocess: str = "d3s2"  # image framing: "d3s2" | "release" (pipelines/preprocess.py)
 
     def __post_init__(self) -> None:
-        for name, allowed in (("band", ("d3s2", "release")), ("surface", ("d3s2", "release")),
+        for name, allowed in (("band", ("d3s2", "release")), ("surface", ("closed", "d3s2", "release")),
                               ("marching_cubes", ("lorensen", "lewiner")), ("preprocess", ("d3s2", "release"))):
             if getattr(self, name) not in allowed:
                 raise D3S2Error(f"settings.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.closed_dilation < 0 or (self.closed_factor is not None and self.closed_factor < 1):
+            raise D3S2Error("settings.closed_dilation must be >= 0 and closed_factor >= 1 (or null)")
+        if not (0 <= self.min_area_fraction < 1 and 0 <= self.min_volume_fraction < 1):
+            raise D3S2Error("settings.min_area_fraction / min_volume_fraction must lie in [0, 1)")
         if self.marching_cubes == "lewiner" and self.surface != "release":
             raise D3S2Error("settings.marching_cubes 'lewiner' needs surface 'release' (a value for absent voxels)")
 
@@ -814,15 +824,20 @@ class ImageTo3DPipeline:
         def cleanup():
             from d3s2.geometry.cleanup import clean_mesh
 
-            if self.settings.min_area_fraction <= 0 and faces is None:
+            st = self.settings
+            if st.min_area_fraction <= 0 and st.min_volume_fraction <= 0 and faces is None and not st.remove_enclosed:
                 # nothing to remove or decimate: the marching-cubes meshes (welded, vertex normals computed on the
                 # device) are final; clean_mesh would only rebuild them (seconds at 1024)
                 return meshes
             with self._part("clean_mesh"):
-                return [clean_mesh(m, min_area_fraction=self.settings.min_area_fraction, target_faces=faces)
-                        for m in meshes]
+                return [clean_mesh(m, min_area_fraction=st.min_area_fraction, min_volume_fraction=st.min_volume_fraction,
+                                   remove_enclosed=st.remove_enclosed, target_faces=faces) for m in meshes]
 
         meshes = self._stage("cleanup", stats, cleanup)
+        from d3s2.geometry.report import mesh_report
+
+        for m in meshes:  # closed / boundary edges / components / faces / volume of what is returned (issue 24)
+            m.metadata["d3s2_report"] = mesh_report(m).as_dict()
         stats.append({"stage": "total", "seconds": time.perf_counter() - t_all,
                       "peak_gpu_bytes": max((s["peak_gpu_bytes"] or 0 for s in stats), default=0)
                       if self.device.type == "cuda" else None})
