@@ -58,13 +58,15 @@ from d3s2.config import MODEL_REGISTRY, from_dict, load_yaml, resolve_config_pat
 from d3s2.errors import D3S2Error
 
 __all__ = ["PipelineSettings", "ImageTo3DPipeline", "decode_sparse_chunked", "latent_shell_coords",
-           "latent_band_coords", "COMPONENTS", "OPTIONAL_COMPONENTS", "FORMAT_TAG"]
+           "latent_band_coords", "COMPONENTS", "OPTIONAL_COMPONENTS", "STAGE_1024_COMPONENTS", "FORMAT_TAG"]
 
 FORMAT_TAG = "d3s2-pipeline/1"
 COMPONENTS = ("image_encoder", "dense_vae", "dense_dit", "ss_vae_512", "ss_dit_512")
-OPTIONAL_COMPONENTS = ("ss_vae_1024", "ss_dit_1024")
+OPTIONAL_COMPONENTS = ("ss_vae_1024", "ss_dit_1024", "refiner_512", "refiner_1024")
+STAGE_1024_COMPONENTS = ("ss_vae_1024", "ss_dit_1024", "refiner_1024")
 _KIND = {"dense_vae": "dense_vae", "dense_dit": "dense_dit", "ss_vae_512": "ss_vae", "ss_dit_512": "ss_dit",
-         "ss_vae_1024": "ss_vae", "ss_dit_1024": "ss_dit"}
+         "ss_vae_1024": "ss_vae", "ss_dit_1024": "ss_dit", "refiner_512": "sdf_refiner",
+         "refiner_1024": "sign_refiner"}
 
 
 @dataclass
@@ -74,6 +76,11 @@ class PipelineSettings:
     occupancy_threshold: float = 0.1
     mc_level_512: float = 0.0
     mc_level_1024: float = 0.2
+    # the release's refiners (components refiner_512 / refiner_1024, pipelines/refining.py) when the pipeline has
+    # them: the 512 SDF refiner's output is meshed at mc_level_512_refined (the release: 0.4), the 1024 sign
+    # refiner's field at mc_level_1024
+    refine: bool = True
+    mc_level_512_refined: float = 0.4
     band_voxels: float = 4.0  # 1024 stage: unsigned band |d| < band_voxels / R of the 512 mesh
     decode_chunk: int | None = 64  # latent voxels per side of one SS-VAE decoding chunk (None: one shot)
     min_area_fraction: float = 0.0  # cleanup: drop components below this fraction of the area
@@ -201,19 +208,20 @@ from d3s2.pipelines.token_band import latent_band_coords  # noqa: E402
 _LOW_VRAM_WORKSPACE = 10 << 30  # activations of the 1024 stage besides the weights (see bench/pipeline.py)
 
 
-def decode_sparse_chunked(vae, z, chunk: int | None = None, halo: int = 3):
+def decode_sparse_chunked(vae, z, chunk: int | None = None, halo: int = 3, return_features: bool = False):
     """SS-VAE decode with the up-sampling stack run in spatial chunks of ``chunk`` latent voxels per side.
 
     The transformer blocks run once on all latent tokens (their attention windows span chunks); only the conv /
     subdivide stack, where the memory goes (8^3 children per latent voxel), is chunked. Its receptive field is under
     3 latent voxels (conv3 at the latent level, then half, quarter, eighth voxels per level), so a ``halo`` of 3
     latent voxels makes every kept output identical to the one-shot decode (there are no norms in that stack).
-    ``chunk=None`` decodes in one piece. Returns the decoded SparseTensor (children grouped by chunk)."""
+    ``chunk=None`` decodes in one piece. Returns the decoded SparseTensor (children grouped by chunk); with
+    ``return_features`` a pair ``(decoded, features [M', C])``, the decoder's last features row by row."""
     from d3s2.sparse import SparseTensor
 
     dec = vae.decoder
     if chunk is None or getattr(dec, "upsample", None) is None or any(b.prune is not None for b in dec.upsample):
-        return vae.decode(z)
+        return vae.decode(z, return_features=return_features)
     h = dec.input_layer(z)
     h = h + dec.pos_embedder(h.coords[:, 1:]).to(h.dtype)
     for block in dec.blocks:
@@ -226,7 +234,7 @@ def decode_sparse_chunked(vae, z, chunk: int | None = None, halo: int = 3):
     cell = torch.div(coords[:, 1:], chunk, rounding_mode="floor")
     keys = torch.unique(torch.cat([coords[:, :1], cell], 1), dim=0)
     factor = 2 ** len(dec.upsample)
-    feats_out, coords_out = [], []
+    feats_out, coords_out, last = [], [], []
     for key in keys:
         b, lo = int(key[0]), key[1:] * chunk
         hi = lo + chunk
@@ -241,9 +249,12 @@ def decode_sparse_chunked(vae, z, chunk: int | None = None, halo: int = 3):
         core = ((parent >= lo) & (parent < hi)).all(1)
         feats_out.append(torch.tanh(out.feats[core]))
         coords_out.append(out.coords[core])
+        if return_features:
+            last.append(part.feats[core])
         del part, out
-    return SparseTensor(torch.cat(feats_out), torch.cat(coords_out), h.batch_size,
-                        h.resolution * factor if h.resolution is not None else None)
+    decoded = SparseTensor(torch.cat(feats_out), torch.cat(coords_out), h.batch_size,
+                           h.resolution * factor if h.resolution is not None else None)
+    return (decoded, torch.cat(last)) if return_features else decoded
 
 
 class _Bar:
@@ -285,6 +296,10 @@ class ImageTo3DPipeline:
             raise D3S2Error(f"pipeline is missing component(s): {', '.join(missing)}")
         if ("ss_vae_1024" in models) != ("ss_dit_1024" in models):
             raise D3S2Error("the 1024 stage needs both ss_vae_1024 and ss_dit_1024")
+        empty = [n for n, m in models.items() if any(p.is_meta for p in m.parameters())]
+        if empty:
+            raise D3S2Error(f"component(s) {', '.join(empty)} hold no weights (meta tensors): load their checkpoints "
+                            "first (or leave them out, e.g. refiners=False)")
         self.models = dict(models)
         self.samplers = dict(samplers or {})
         self.settings = settings or PipelineSettings()
@@ -434,7 +449,7 @@ class ImageTo3DPipeline:
             raise D3S2Error(f"{cfg_path}: format {data.get('format')!r} is not {FORMAT_TAG!r}")
         comps, enc_cfg, settings = cls._parse(data, cfg_path.name)
         if resolution == 512:
-            comps = {n: c for n, c in comps.items() if n not in OPTIONAL_COMPONENTS}
+            comps = {n: c for n, c in comps.items() if n not in STAGE_1024_COMPONENTS}
         models: dict[str, torch.nn.Module] = {}
         names = ["image_encoder", *comps]
         for name in names:
@@ -668,7 +683,9 @@ class ImageTo3DPipeline:
 
     @torch.no_grad()
     def _sparse(self, stage: str, coords: torch.Tensor, b: int, cond, generator, steps, cfg, shift, progress,
-                chunk: int | None, hook=None, noise_hook=None):
+                chunk: int | None, hook=None, noise_hook=None, features: bool = False):
+        """SS-DiT sampling + SS-VAE decoding of one sparse stage: the decoded SparseTensor, or with ``features``
+        a pair ``(decoded, decoder features)`` (the 512 SDF refiner's input)."""
         from d3s2.sparse import SparseTensor
 
         dit_name, vae_name = f"ss_dit_{stage}", f"ss_vae_{stage}"
@@ -692,24 +709,49 @@ class ImageTo3DPipeline:
         with self._use(vae_name) as (vae,):
             with self._part("decode"):
                 vae_dtype = next(vae.parameters()).dtype
-                decoded = decode_sparse_chunked(vae, latent.replace(latent.feats.to(vae_dtype)), chunk)
+                decoded = decode_sparse_chunked(vae, latent.replace(latent.feats.to(vae_dtype)), chunk,
+                                                return_features=features)
+        feats = None
+        if features:
+            decoded, feats = decoded
         if hook is not None:
             with self._part("hook"):
                 decoded = hook(stage, decoded)
-        return decoded
+                if feats is not None and len(feats) != decoded.num_voxels:
+                    raise D3S2Error(f"the 'decoded' hook changed the {stage} stage's voxels; with the refiner on, "
+                                    "keep the voxels (values only) or set settings.refine = False")
+        return (decoded, feats) if features else decoded
 
-    def _meshes(self, decoded, b: int, resolution: int, level: float) -> list:
+    def _refined(self, stage: str, decoded, features, b: int, resolution: int, progress: bool) -> list:
+        """The stage's refiner run (:mod:`d3s2.pipelines.refining`): one refined field per sample."""
+        from d3s2.pipelines.refining import refine_decoded, refined_level, refiner_name
+
+        name = refiner_name(self.models, self.settings, stage)
+        bar = _Bar(27, f"refiner {stage}", progress)
+        try:
+            with self._use(name) as (net,):
+                with self._part("refiner"):
+                    return refine_decoded(net, stage, decoded, features, b, resolution,
+                                          refined_level(self.settings, stage), progress=lambda i, n: bar(i))
+        finally:
+            bar.close()
+
+    def _meshes(self, decoded, b: int, resolution: int, level: float, fields: list | None = None) -> list:
+        """One mesh per sample from the decoded SDF, or from the refined ``fields`` when the stage was refined."""
         import trimesh
 
         from d3s2.geometry.cleanup import vertex_normals
-        from d3s2.pipelines.surface import extract_surface
+        from d3s2.pipelines.surface import extract_refined_surface, extract_surface
 
         out = []
         for i in range(b):
             with self._part("marching_cubes"):
-                sel = decoded.coords[:, 0] == i
-                verts, faces = extract_surface(decoded.coords[sel, 1:], decoded.feats[sel, 0].float(), resolution,
-                                               level, self.settings)
+                if fields is not None:
+                    verts, faces = extract_refined_surface(fields[i], self.settings)
+                else:
+                    sel = decoded.coords[:, 0] == i
+                    verts, faces = extract_surface(decoded.coords[sel, 1:], decoded.feats[sel, 0].float(),
+                                                   resolution, level, self.settings)
             if len(faces) == 0:
                 raise D3S2Error(f"image {i}: the decoded SDF has no surface at level {level} at "
                                 f"{resolution}^3; try another seed")
@@ -802,11 +844,22 @@ class ImageTo3DPipeline:
                 raise D3S2Error(f"structure_coords must lie in [0, {r}) with batch index < {b}")
         r512 = self.resolution_512
 
+        from d3s2.pipelines.refining import refined_level, refiner_name
+
+        def run_stage(stage, c, r, level):
+            refine = refiner_name(self.models, self.settings, stage) is not None
+            out = self._sparse(stage, c, b, cond, generator, per(num_inference_steps, stage),
+                               per(guidance_scale, stage), per(shift, stage), progress, self.settings.decode_chunk,
+                               hooks.get("decoded"), hooks.get("noise"), features=refine and stage == "512")
+            if not refine:
+                return self._meshes(out, b, r, level)
+            dec, feats = out if stage == "512" else (out, None)
+            fields = self._refined(stage, dec, feats, b, r, progress)
+            del dec, feats, out
+            return self._meshes(None, b, r, refined_level(self.settings, stage), fields)
+
         def stage512():
-            dec = self._sparse("512", coords, b, cond, generator, per(num_inference_steps, "512"),
-                               per(guidance_scale, "512"), per(shift, "512"), progress,
-                               self.settings.decode_chunk, hooks.get("decoded"), hooks.get("noise"))
-            return self._meshes(dec, b, r512, self.settings.mc_level_512)
+            return run_stage("512", coords, r512, self.settings.mc_level_512)
 
         meshes = self._stage("sparse_512", stats, stage512)
         if resolution == 1024:
@@ -814,10 +867,7 @@ class ImageTo3DPipeline:
 
             def stage1024():
                 c = self._band_coords(meshes, r1024)
-                dec = self._sparse("1024", c, b, cond, generator, per(num_inference_steps, "1024"),
-                                   per(guidance_scale, "1024"), per(shift, "1024"), progress,
-                                   self.settings.decode_chunk, hooks.get("decoded"), hooks.get("noise"))
-                return self._meshes(dec, b, r1024, self.settings.mc_level_1024)
+                return run_stage("1024", c, r1024, self.settings.mc_level_1024)
 
             meshes = self._stage("sparse_1024", stats, stage1024)
 

@@ -13,6 +13,10 @@
 ``settings.marching_cubes``: ``"lorensen"`` (the vectorised tables of :mod:`d3s2.geometry.marching_cubes`, on the
 compute device) or ``"lewiner"`` (skimage's Lewiner triangles, as the release, on bricks on the CPU:
 :mod:`d3s2.geometry.lewiner`).
+
+A refined field (:mod:`d3s2.pipelines.refining`) is the release's dense field, defined everywhere (explicit voxels
+plus a side map), so ``settings.surface`` does not apply to it: :func:`extract_refined_surface` meshes it with the
+release's semantics (vertices at ``g / R * 2 - 1``); it is closed wherever the dense field is.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch
 
 from d3s2.errors import D3S2Error
 
-__all__ = ["extract_surface", "RELEASE_FILL", "SURFACES"]
+__all__ = ["extract_surface", "extract_refined_surface", "RELEASE_FILL", "SURFACES"]
 
 RELEASE_FILL = 1.0
 SURFACES = ("closed", "d3s2", "release")
@@ -58,3 +62,17 @@ def extract_surface(coords: torch.Tensor, values: torch.Tensor, resolution: int,
             raise D3S2Error("fill values for absent voxels need settings.surface 'release'")
         return sparse_marching_cubes(coords, values, resolution, level, world=True)
     raise D3S2Error(f"unknown settings.surface {settings.surface!r}")
+
+
+def extract_refined_surface(field, settings) -> tuple[torch.Tensor, torch.Tensor]:
+    """A :class:`~d3s2.geometry.refine.RefinedField` -> ``(vertices [V, 3] world units, faces [F, 3])``, by
+    ``settings.marching_cubes`` (Lewiner's triangles as the release, or the vectorised tables on the field's
+    device)."""
+    kw = field.mc_kwargs()
+    if settings.marching_cubes == "lewiner":
+        from d3s2.geometry.lewiner import lewiner_marching_cubes
+
+        return lewiner_marching_cubes(**kw, world=True)
+    from d3s2.geometry.marching_cubes import sparse_marching_cubes
+
+    return sparse_marching_cubes(**kw, world=True)
