@@ -804,7 +804,9 @@ class ImageTo3DPipeline:
         result: ``"structure"``: ``fn(coords [N, 4]) -> coords`` after the structure stage; ``"decoded"``:
         ``fn(stage "512" | "1024", decoded SparseTensor) -> SparseTensor`` after each SS-VAE decode (e.g. a real
         mesh's SDF on the decoded voxels, so that marching cubes, the 1024 band and clean-up see a real surface);
-        their time is reported as the part ``hook``; ``"noise"``: ``fn("dense", shape)`` / ``fn("512" | "1024",
+        their time is reported as the part ``hook``; ``"refined"``: ``fn(stage, fields) -> fields`` after a refiner
+        run (:class:`~d3s2.geometry.refine.RefinedField` per sample; random refiner weights give no shape);
+        ``"noise"``: ``fn("dense", shape)`` / ``fn("512" | "1024",
         coords [N, 4])`` -> the initial noise (the parity harness injects the same noise into the authors' pipeline).
         Per-stage seconds and peak GPU bytes (and ``parts``): :attr:`last_stats` and each mesh's
         ``metadata["d3s2_stats"]``."""
@@ -816,9 +818,9 @@ class ImageTo3DPipeline:
         if resolution == 1024 and "ss_dit_1024" not in self.models:
             raise D3S2Error("this pipeline has no 1024 stage (ss_vae_1024 / ss_dit_1024); use resolution=512")
         hooks = dict(hooks or {})
-        unknown = set(hooks) - {"structure", "decoded", "noise"}
+        unknown = set(hooks) - {"structure", "decoded", "refined", "noise"}
         if unknown:
-            raise D3S2Error(f"unknown hook(s) {sorted(unknown)} (valid: structure, decoded, noise)")
+            raise D3S2Error(f"unknown hook(s) {sorted(unknown)} (valid: structure, decoded, refined, noise)")
         if generator is None:
             generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
 
@@ -856,6 +858,9 @@ class ImageTo3DPipeline:
             dec, feats = out if stage == "512" else (out, None)
             fields = self._refined(stage, dec, feats, b, r, progress)
             del dec, feats, out
+            if hooks.get("refined") is not None:
+                with self._part("hook"):
+                    fields = hooks["refined"](stage, fields)
             return self._meshes(None, b, r, refined_level(self.settings, stage), fields)
 
         def stage512():
