@@ -55,6 +55,7 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--low-vram", action="store_true", help="keep each model on the GPU only for its stage")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-refine", action="store_true", help="skip the release's refiners (mesh the SS-VAE output)")
     p.set_defaults(func=run_generate)
 
 
@@ -97,6 +98,10 @@ def run_generate(args: argparse.Namespace) -> int:
     pipe = ImageTo3DPipeline.from_pretrained(weights, device=args.device, low_vram=args.low_vram or None,
                                              revision=args.revision, resolution=args.resolution,
                                              matting=args.matting)
+    if args.no_refine:
+        import dataclasses
+
+        pipe.settings = dataclasses.replace(pipe.settings, refine=False)
     out_dir = Path(args.output)
     steps = {"dense": args.steps_dense, "512": args.steps_512, "1024": args.steps_1024}
     failed = 0
