@@ -117,3 +117,5 @@ def test_refiners_travel_with_save_pretrained(base, tmp_path):
     # resolution 512 leaves the 1024 stage's components (its refiner too) out, keeps the 512 refiner
     half = ImageTo3DPipeline.from_pretrained(tmp_path / "p", device="cpu", resolution=512)
     assert "refiner_512" in half.models and "refiner_1024" not in half.models
+    assert not {"refiner_512", "refiner_1024"} & set(ImageTo3DPipeline.from_pretrained(tmp_path / "p", device="cpu",
+                                                                                     refiners=False).models)

@@ -419,10 +419,11 @@ class ImageTo3DPipeline:
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, low_vram: bool | None = None, *,
                         revision: str | None = None, local_files_only: bool | None = None,
-                        resolution: int | None = None, **kwargs) -> "ImageTo3DPipeline":
+                        resolution: int | None = None, refiners: bool = True, **kwargs) -> "ImageTo3DPipeline":
         """Load a folder written by :meth:`save_pretrained` (``pipeline.yaml`` + one safetensors file per model), or
         the authors' release layout (``config.yaml`` + ``.ckpt``; see :mod:`d3s2.pipelines.official`), or a hub id of
-        either (downloaded by :mod:`d3s2.pipelines.hub`). ``resolution=512`` skips the 1024 stage's weights."""
+        either (downloaded by :mod:`d3s2.pipelines.hub`). ``resolution=512`` skips the 1024 stage's weights;
+        ``refiners=False`` leaves the refiners (``refiner_512`` / ``refiner_1024``) out."""
         from safetensors.torch import load_file
 
         from d3s2.models.image_encoder import DINOv2Encoder
@@ -441,7 +442,7 @@ class ImageTo3DPipeline:
                 from d3s2.pipelines.official import load_official_pipeline
 
                 return load_official_pipeline(folder, device=device, dtype=dtype, low_vram=low_vram,
-                                              resolution=resolution, **kwargs)
+                                              resolution=resolution, refiners=refiners, **kwargs)
             raise D3S2Error(f"{folder}: no pipeline.yaml: not a d3s2 pipeline folder (save one with "
                             "ImageTo3DPipeline.save_pretrained)")
         data = load_yaml(cfg_path)
@@ -450,6 +451,8 @@ class ImageTo3DPipeline:
         comps, enc_cfg, settings = cls._parse(data, cfg_path.name)
         if resolution == 512:
             comps = {n: c for n, c in comps.items() if n not in STAGE_1024_COMPONENTS}
+        if not refiners:
+            comps = {n: c for n, c in comps.items() if not n.startswith("refiner_")}
         models: dict[str, torch.nn.Module] = {}
         names = ["image_encoder", *comps]
         for name in names:
