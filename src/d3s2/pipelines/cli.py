@@ -3,7 +3,9 @@
 Each image is written to ``OUT_DIR/<image stem>.<format>`` atomically (with ``--preview`` also
 ``OUT_DIR/<image stem>.preview.png``: the input beside a render of the mesh). A bad image (missing, not an image,
 corrupt, empty mask, no shape found) prints one line on stderr and the others still run; the exit status is 1 when any
-image failed. A bad ``--weights`` folder stops everything (exit 2, from the CLI's D3S2Error handler). Without
+image failed. Before any model work the outputs are planned and checked (:mod:`d3s2.pipelines.outputs`: two inputs
+that would write the same file, an unwritable ``-o``) and the sampler settings validated
+(see below). A bad ``--weights`` folder stops everything (exit 2, from the CLI's D3S2Error handler). Without
 ``--weights`` the bundled demo model is used (:mod:`d3s2.pipelines.bundled`), with a note on stderr; ``--examples``
 adds the bundled example images to the inputs. A hub id as ``--weights`` is downloaded by :mod:`d3s2.pipelines.hub`
 (only the files ``--resolution`` needs); ``--matting`` picks the background removal (:mod:`d3s2.pipelines.matting`).
@@ -15,7 +17,6 @@ import argparse
 import os
 import sys
 import warnings
-from pathlib import Path
 
 from d3s2.errors import D3S2Error
 
@@ -90,18 +91,19 @@ def run_generate(args: argparse.Namespace) -> int:
         raise D3S2Error("no input images: give IMAGE paths or --examples")
     if args.faces is not None and args.faces < 4:
         raise D3S2Error(f"--faces {args.faces} is too small; ask for at least 4 faces")
+    from d3s2.pipelines.outputs import plan_outputs
+
+    plans = plan_outputs(images, args.output, args.format, args.preview)  # before any model work
     weights, bundled = resolve_weights(args.weights)
     if bundled:
         print(f"d3s2 generate: no --weights given, {BUNDLED_NOTE}", file=sys.stderr)
     pipe = ImageTo3DPipeline.from_pretrained(weights, device=args.device, low_vram=args.low_vram or None,
                                              revision=args.revision, resolution=args.resolution,
                                              matting=args.matting)
-    out_dir = Path(args.output)
     steps = {"dense": args.steps_dense, "512": args.steps_512, "1024": args.steps_1024}
     failed = 0
-    for image in images:
-        target = out_dir / f"{Path(image).stem}.{args.format}"
-        preview = out_dir / f"{Path(image).stem}.preview.png"
+    for plan in plans:
+        image, target, preview = plan.image, plan.mesh, plan.preview
         caught: list = []
         try:
             with warnings.catch_warnings(record=True) as caught:

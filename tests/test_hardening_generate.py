@@ -1,0 +1,91 @@
+"""Issue 22 (hardening) for ``d3s2 generate``: outputs that collide or cannot be written and bad sampler settings are
+refused before any model work, a bad image in a batch does not stop the others."""
+
+import os
+
+import pytest
+
+from d3s2.cli import main
+from pipeline_helpers import square_image
+
+
+def _img(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return str(square_image(path))
+
+
+def _one_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+# weights that do not exist: the old code got past the checks and failed on them instead
+NO_WEIGHTS = ["--weights", "/nonexistent/weights"]
+
+
+def test_two_inputs_with_one_stem_are_refused_up_front(tmp_path, capsys):
+    a, b = _img(tmp_path / "a" / "good.png"), _img(tmp_path / "b" / "good.png")
+    out = tmp_path / "out"
+    assert main(["generate", a, b, "-o", str(out), *NO_WEIGHTS]) == 2
+    err = _one_error(capsys)
+    assert "would both be written to" in err and a in err and b in err and "good.glb" in err
+    assert not out.exists()
+
+
+def test_case_only_collisions_and_repeated_inputs_are_refused(tmp_path, capsys):
+    a, b = _img(tmp_path / "x" / "Cat.png"), _img(tmp_path / "y" / "cat.webp")
+    assert main(["generate", a, b, "-o", str(tmp_path / "o"), *NO_WEIGHTS]) == 2
+    assert "would both be written" in _one_error(capsys)
+    assert main(["generate", a, a, "-o", str(tmp_path / "o"), *NO_WEIGHTS]) == 2
+    assert "given twice" in _one_error(capsys)
+
+
+def test_an_output_that_would_overwrite_an_input_is_refused(tmp_path, capsys):
+    src = _img(tmp_path / "a.preview.png")
+    other = _img(tmp_path / "sub" / "a.png")
+    assert main(["generate", src, other, "-o", str(tmp_path), "--preview", *NO_WEIGHTS]) == 2
+    assert "would overwrite the input image" in _one_error(capsys)
+    assert os.path.getsize(src) > 0
+
+
+def test_unwritable_output_is_found_before_loading(tmp_path, capsys):
+    img = _img(tmp_path / "a.png")
+    f = tmp_path / "file.txt"
+    f.write_text("x")
+    assert main(["generate", img, "-o", str(f), *NO_WEIGHTS]) == 2
+    assert "is a file, not a folder" in _one_error(capsys)
+    assert main(["generate", img, "-o", str(f / "sub"), *NO_WEIGHTS]) == 2
+    assert "cannot be created" in _one_error(capsys)
+    (tmp_path / "o" / "a.glb").mkdir(parents=True)
+    assert main(["generate", img, "-o", str(tmp_path / "o"), *NO_WEIGHTS]) == 2
+    assert "is a folder" in _one_error(capsys)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_output_is_found_before_loading(tmp_path, capsys):
+    img = _img(tmp_path / "a.png")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        assert main(["generate", img, "-o", str(ro / "out"), *NO_WEIGHTS]) == 2
+        assert "cannot write in" in _one_error(capsys)
+    finally:
+        ro.chmod(0o755)
+
+
+def test_read_only_output_probe(tmp_path, monkeypatch):
+    """The probe write fails as on a read-only mount (root ignores permission bits, so fake the failure)."""
+    import tempfile
+
+    from d3s2.errors import D3S2Error
+    from d3s2.fileio import check_writable_dir
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(D3S2Error, match="cannot write in .*Permission denied"):
+        check_writable_dir(tmp_path / "new" / "deeper", "-o")
+    assert not (tmp_path / "new").exists()
