@@ -89,3 +89,53 @@ def test_read_only_output_probe(tmp_path, monkeypatch):
     with pytest.raises(D3S2Error, match="cannot write in .*Permission denied"):
         check_writable_dir(tmp_path / "new" / "deeper", "-o")
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--steps-dense", "0"], "--steps-dense must be a whole number of sampling steps in [1, 1000], got 0"),
+    (["--steps-dense", "-3"], "--steps-dense must be"),
+    (["--steps-512", "0"], "--steps-512 must be"),
+    (["--steps-1024", "0"], "--steps-1024 must be"),
+    (["--steps-dense", "100000000"], "in [1, 1000]"),
+    (["--cfg", "nan"], "--cfg must be a finite number"),
+    (["--cfg", "inf"], "--cfg must be a finite number"),
+    (["--cfg", "-1"], "--cfg must be a guidance scale in [0, 100]"),
+    (["--seed", str(2**64)], "--seed must be an integer"),
+    (["--faces", "2"], "--faces 2 is too small"),
+])
+def test_bad_sampler_flags_are_refused_before_loading(tmp_path, capsys, flags, needle):
+    img = _img(tmp_path / "a.png")
+    assert main(["generate", img, "-o", str(tmp_path / "o"), *NO_WEIGHTS, *flags]) == 2
+    assert needle in _one_error(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_pipeline_call_checks_every_stage_before_running(one_torch_thread):
+    from d3s2.errors import D3S2Error
+    from d3s2.pipelines.image_to_3d import ImageTo3DPipeline
+
+    pipe = ImageTo3DPipeline.from_config("pipeline_tiny", device="cpu")
+    for kwargs, needle in (({"num_inference_steps": {"dense": 2, "512": 0}}, r"num_inference_steps\['512'\]"),
+                           ({"guidance_scale": float("nan")}, "guidance_scale must be a finite number"),
+                           ({"shift": {"1024": 0.0}}, r"shift\['1024'\] must be a timestep shift"),
+                           ({"num_inference_steps": {"structure": 2}}, "unknown stage 'structure'")):
+        with pytest.raises(D3S2Error, match=needle):
+            pipe(square_image(), progress=False, **kwargs)
+        assert pipe.last_stats == []  # not even preprocessing ran
+
+
+def test_sampler_config_bounds_apply_to_pipeline_files():
+    from d3s2.errors import D3S2Error
+    from d3s2.flow.sampler import SamplerConfig
+    from d3s2.pipelines.image_to_3d import ImageTo3DPipeline
+
+    with pytest.raises(D3S2Error, match="sampler steps"):
+        SamplerConfig(steps=0)
+    with pytest.raises(D3S2Error, match="sampler shift"):
+        SamplerConfig(shift=float("nan"))
+    from d3s2.config import load_yaml, resolve_config_path
+
+    data = load_yaml(resolve_config_path("pipeline_tiny"))
+    data["components"]["dense_dit"] = {"config": "dense_dit_tiny", "sampler": {"steps": 100000000}}
+    with pytest.raises(D3S2Error, match=r"dense_dit.sampler.*|sampler steps"):
+        ImageTo3DPipeline.from_config(data)

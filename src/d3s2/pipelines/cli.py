@@ -5,7 +5,7 @@ Each image is written to ``OUT_DIR/<image stem>.<format>`` atomically (with ``--
 corrupt, empty mask, no shape found) prints one line on stderr and the others still run; the exit status is 1 when any
 image failed. Before any model work the outputs are planned and checked (:mod:`d3s2.pipelines.outputs`: two inputs
 that would write the same file, an unwritable ``-o``) and the sampler settings validated
-(see below). A bad ``--weights`` folder stops everything (exit 2, from the CLI's D3S2Error handler). Without
+(:mod:`d3s2.pipelines.validation`). A bad ``--weights`` folder stops everything (exit 2, from the CLI's D3S2Error handler). Without
 ``--weights`` the bundled demo model is used (:mod:`d3s2.pipelines.bundled`), with a note on stderr; ``--examples``
 adds the bundled example images to the inputs. A hub id as ``--weights`` is downloaded by :mod:`d3s2.pipelines.hub`
 (only the files ``--resolution`` needs); ``--matting`` picks the background removal (:mod:`d3s2.pipelines.matting`).
@@ -89,8 +89,9 @@ def run_generate(args: argparse.Namespace) -> int:
         images += [os.fspath(p) for p in found]
     if not images:
         raise D3S2Error("no input images: give IMAGE paths or --examples")
-    if args.faces is not None and args.faces < 4:
-        raise D3S2Error(f"--faces {args.faces} is too small; ask for at least 4 faces")
+    from d3s2.pipelines.validation import check_generate_args
+
+    check_generate_args(args)
     from d3s2.pipelines.outputs import plan_outputs
 
     plans = plan_outputs(images, args.output, args.format, args.preview)  # before any model work

@@ -763,6 +763,9 @@ class ImageTo3DPipeline:
             raise D3S2Error(f"resolution must be 512 or 1024, got {resolution}")
         if resolution == 1024 and "ss_dit_1024" not in self.models:
             raise D3S2Error("this pipeline has no 1024 stage (ss_vae_1024 / ss_dit_1024); use resolution=512")
+        from d3s2.pipelines.validation import check_overrides
+
+        check_overrides(num_inference_steps, guidance_scale, shift)  # before any stage runs
         hooks = dict(hooks or {})
         unknown = set(hooks) - {"structure", "decoded", "noise"}
         if unknown:
