@@ -139,3 +139,52 @@ def test_sampler_config_bounds_apply_to_pipeline_files():
     data["components"]["dense_dit"] = {"config": "dense_dit_tiny", "sampler": {"steps": 100000000}}
     with pytest.raises(D3S2Error, match=r"dense_dit.sampler.*|sampler steps"):
         ImageTo3DPipeline.from_config(data)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory, one_torch_thread):
+    from pipeline_helpers import make_tiny_weights
+
+    return make_tiny_weights(tmp_path_factory.mktemp("weights"))
+
+
+FAST = ["--no-progress", "--steps-dense", "2", "--steps-512", "2", "--faces", "500"]
+
+
+def test_a_decompression_bomb_is_one_line_and_the_batch_goes_on(tmp_path, weights, capsys, monkeypatch):
+    from PIL import Image
+
+    # a 200x200 image over a lowered limit stands in for a 400-megapixel one (same PIL code path, no 400 MB)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    bomb = tmp_path / "bomb.png"
+    Image.new("L", (200, 200)).save(bomb)
+    good = _img(tmp_path / "good.png")
+    out = tmp_path / "o"
+    rc = main(["generate", str(bomb), good, "-o", str(out), "--weights", str(weights), *FAST])
+    cap = capsys.readouterr()
+    assert rc == 1
+    errors = [line for line in cap.err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "bomb.png" in errors[0] and "too large to decode safely" in errors[0]
+    assert "downscale it below" in errors[0]
+    assert sorted(p.name for p in out.iterdir()) == ["good.glb"]
+
+
+def test_an_unexpected_error_in_one_image_does_not_stop_the_batch(tmp_path, weights, capsys, monkeypatch):
+    from d3s2.pipelines.image_to_3d import ImageTo3DPipeline
+
+    real = ImageTo3DPipeline.__call__
+
+    def flaky(self, image, *a, **k):
+        if "boom" in str(image):
+            raise RuntimeError("simulated failure\nsecond line")
+        return real(self, image, *a, **k)
+
+    monkeypatch.setattr(ImageTo3DPipeline, "__call__", flaky)
+    boom, good = _img(tmp_path / "boom.png"), _img(tmp_path / "good.png")
+    out = tmp_path / "o"
+    rc = main(["generate", boom, good, "-o", str(out), "--weights", str(weights), *FAST])
+    cap = capsys.readouterr()
+    assert rc == 1
+    errors = [line for line in cap.err.splitlines() if "error:" in line]
+    assert errors == [f"d3s2 generate: error: {boom}: unexpected RuntimeError: simulated failure second line"]
+    assert sorted(p.name for p in out.iterdir()) == ["good.glb"]

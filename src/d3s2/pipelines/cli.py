@@ -122,6 +122,12 @@ def run_generate(args: argparse.Namespace) -> int:
             _print_warnings(caught)
             print(f"d3s2 generate: error: {image}: {exc}", file=sys.stderr)
             continue
+        except Exception as exc:  # noqa: BLE001 - an unexpected failure of one image must not stop the batch
+            failed += 1
+            _print_warnings(caught)
+            msg = " ".join(str(exc).split())[:300]
+            print(f"d3s2 generate: error: {image}: unexpected {type(exc).__name__}: {msg}", file=sys.stderr)
+            continue
         _print_warnings(caught)
         m = meshes[0]
         extra = f" + {os.fspath(preview)}" if args.preview else ""

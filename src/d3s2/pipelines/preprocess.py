@@ -52,6 +52,11 @@ def load_image(image: Any, max_input_size: int = 2048):
             with Image.open(path) as im:
                 im.load()
                 img = im.copy()
+        except Image.DecompressionBombError as exc:  # not an OSError: it would stop a whole batch
+            limit = (Image.MAX_IMAGE_PIXELS or 0) * 2 / 1e6
+            raise D3S2Error(f"{path}: too large to decode safely ({' '.join(str(exc).split())[:120]}); downscale it "
+                            f"below {limit:.0f} megapixels (about {max_input_size} px on the longer side is "
+                            "plenty)") from exc
         except UnidentifiedImageError as exc:
             raise D3S2Error(f"{path}: not an image file PIL can read (use PNG, JPEG, WebP, ...)") from exc
         except (OSError, ValueError, SyntaxError) as exc:
