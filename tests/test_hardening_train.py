@@ -14,7 +14,10 @@ from d3s2.train import checkpoint as ck
 pytest.importorskip("trimesh")
 pytest.importorskip("igl")
 
-from test_train import prepared, vae_cfg  # noqa: E402,F401 - the tiny prepared corpus and VAE config
+import test_train  # noqa: E402
+
+prepared = test_train.prepared  # the tiny prepared corpus (module fixture)
+vae_cfg = test_train.vae_cfg
 
 
 def _fake_ckpt(root, step, ema=True):
@@ -61,7 +64,7 @@ def test_load_weights_falls_back_and_reports_damaged_files(tmp_path):
         ck.load_weights(newest / "model.safetensors")
 
 
-def test_resume_uses_the_newest_intact_checkpoint(prepared, tmp_path, capsys):  # noqa: F811
+def test_resume_uses_the_newest_intact_checkpoint(prepared, tmp_path, capsys):
     from d3s2.train.config import parse_train_config
     from d3s2.train.trainer import Trainer
 
@@ -83,3 +86,47 @@ def test_resume_uses_the_newest_intact_checkpoint(prepared, tmp_path, capsys):  
     resumed = [e for e in events if e.get("event") == "resume"]
     assert resumed[-1]["dir"] == "step_00000002"
     assert ck.checkpoint_problem(ckdir / "step_00000004") is None  # rewritten intact
+
+
+BAD_SETTINGS = [
+    ("optim.lr=-1", "optim.lr must be a finite number > 0"),
+    ("optim.lr=.nan", "optim.lr must be a finite number > 0"),
+    ("optim.betas=[0.9,1.5]", "optim.betas must be two numbers in [0, 1)"),
+    ("optim.grad_clip=-1", "optim.grad_clip"),
+    ("data.batch_size=0", "data.batch_size must be an integer >= 1"),
+    ("data.workers=-1", "data.workers"),
+    ("data.resolutions=[]", "data.resolutions"),
+    ("data.resolution_weights=[1.0]", "data.resolution_weights must be one weight per resolution"),
+    ("schedule.min_lr_ratio=2", "schedule.min_lr_ratio"),
+    ("schedule.warmup_steps=-5", "schedule.warmup_steps"),
+    ("ema.decay=1.5", "ema.decay"),
+    ("ema.every=0", "ema.every"),
+    ("checkpoint.every=-1", "checkpoint.every"),
+    ("log.every=0", "log.every"),
+    ("validate.items=0", "validate.items"),
+    ("cpu_threads=0", "cpu_threads"),
+    ("device=tpu", "device must be auto, cpu or cuda"),
+    ("max_steps=-3", "max_steps"),
+    ("phases=[{steps: 2, lr: -1}]", "phases[].lr"),
+    ("phases=[{steps: 2, batch_size: 0}]", "phases[].batch_size"),
+    ("task=no_such_task", "unknown task 'no_such_task'"),
+    ("model=no_such_model_config", "config not found: no_such_model_config"),
+]
+
+
+@pytest.mark.parametrize("setting, needle", BAD_SETTINGS)
+def test_train_check_catches_bad_settings(setting, needle, capsys):
+    from d3s2.cli import main
+
+    assert main(["train", "train_dense_vae_tiny", "--set", setting, "--check"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+
+
+def test_train_check_accepts_the_shipped_configs(capsys):
+    from d3s2.cli import main
+
+    for name in ("train_dense_vae_tiny", "train_dense_dit_tiny", "train_ss_dit_tiny",
+                 "demo_train_dense_vae", "demo_train_dense_dit", "demo_train_ss_vae", "demo_train_ss_dit",
+                 "train_ss_dit_v1_1_1024"):
+        assert main(["train", name, "--check"]) == 0, capsys.readouterr().err
