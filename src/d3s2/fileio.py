@@ -71,3 +71,44 @@ def check_writable_dir(path: str | os.PathLike, what: str = "output folder") -> 
     except OSError as exc:
         raise D3S2Error(f"{what}: cannot write in {probe_dir} ({exc.strerror or exc}); choose a writable folder") \
             from exc
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is a temporary file of :func:`atomic_open` (``.<target>.<random>.tmp``)."""
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def remove_stale_temp_files(folder: str | os.PathLike, recursive: bool = True) -> list[str]:
+    """Delete the temporary files an interrupted :func:`atomic_open` left in ``folder`` (a SIGKILL skips its clean-up).
+
+    Call it only where no other process is writing (e.g. an item folder a resumed job owns). Returns the removed
+    paths."""
+    removed = []
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        return removed
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for name in filenames:
+            if is_temp_name(name):
+                path = os.path.join(dirpath, name)
+                try:
+                    os.unlink(path)
+                    removed.append(path)
+                except FileNotFoundError:
+                    pass
+        if not recursive:
+            break
+    return removed
+
+
+def remove_empty_dirs(folder: str | os.PathLike) -> bool:
+    """Remove ``folder`` and its sub-folders bottom-up where they hold no file; True when ``folder`` is gone."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        return not os.path.exists(folder)
+    for dirpath, _, _ in sorted(os.walk(folder), key=lambda t: -len(t[0])):
+        try:
+            os.rmdir(dirpath)
+        except OSError:  # not empty
+            pass
+    return not os.path.exists(folder)
