@@ -243,8 +243,8 @@ def _render_item(src, rel: str, item_dir: Path, transform, cfg: PrepareConfig, d
             old = json.loads(cam_path.read_text())
             if old.get("settings") == key and all((item_dir / v["file"]).is_file() for v in old["views"]):
                 return
-        except (json.JSONDecodeError, KeyError, TypeError):
-            pass
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+            pass  # a damaged cameras.json: render again
     mesh = load_render_mesh(src).transformed(transform.scale, transform.offset)
     sampling = CameraSampling(
         num_views=cfg.views,
