@@ -188,3 +188,37 @@ def test_an_unexpected_error_in_one_image_does_not_stop_the_batch(tmp_path, weig
     errors = [line for line in cap.err.splitlines() if "error:" in line]
     assert errors == [f"d3s2 generate: error: {boom}: unexpected RuntimeError: simulated failure second line"]
     assert sorted(p.name for p in out.iterdir()) == ["good.glb"]
+
+
+def test_an_object_that_covers_almost_nothing_warns(tmp_path):
+    import warnings
+
+    import numpy as np
+    from PIL import Image
+
+    from d3s2.pipelines.preprocess import preprocess_image
+
+    dot = tmp_path / "dot.png"
+    Image.fromarray(np.array([[[200, 100, 50, 128]]], np.uint8)).save(dot)  # 1x1, semi-transparent
+    with pytest.warns(UserWarning, match=r"dot.png: the object covers almost nothing \(0.5 pixels of mask in a 1x1"):
+        preprocess_image(str(dot), size=28)
+    faint = np.zeros((64, 64, 4), np.uint8)
+    faint[..., :3] = 200
+    faint[..., 3] = 5  # visible to the mask (> 0) but nearly transparent everywhere
+    with pytest.warns(UserWarning, match="almost transparent"):
+        preprocess_image(faint, size=28)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        preprocess_image(square_image(), size=28)  # an ordinary object: no warning
+        preprocess_image(square_image(), size=28, mode="release")
+
+
+def test_generate_prints_the_tiny_object_warning(tmp_path, weights, capsys):
+    import numpy as np
+    from PIL import Image
+
+    dot = tmp_path / "dot.png"
+    Image.fromarray(np.array([[[200, 100, 50, 128]]], np.uint8)).save(dot)
+    main(["generate", str(dot), "-o", str(tmp_path / "o"), "--weights", str(weights), *FAST])
+    warns = [line for line in capsys.readouterr().err.splitlines() if "warning:" in line]
+    assert any("covers almost nothing" in w for w in warns), warns
