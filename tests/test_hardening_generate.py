@@ -222,3 +222,34 @@ def test_generate_prints_the_tiny_object_warning(tmp_path, weights, capsys):
     main(["generate", str(dot), "-o", str(tmp_path / "o"), "--weights", str(weights), *FAST])
     warns = [line for line in capsys.readouterr().err.splitlines() if "warning:" in line]
     assert any("covers almost nothing" in w for w in warns), warns
+
+
+@pytest.mark.parametrize("stage", ["structure", "sparse 512"])
+def test_nan_stage_output_is_not_reported_as_no_shape(stage, one_torch_thread):
+    import torch
+
+    from d3s2.errors import D3S2Error
+    from d3s2.pipelines.image_to_3d import ImageTo3DPipeline
+
+    pipe = ImageTo3DPipeline.from_config("pipeline_tiny", device="cpu")
+    vae = pipe.models["dense_vae" if stage == "structure" else "ss_vae_512"]
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.fill_(float("nan"))
+    kwargs = {}
+    if stage != "structure":  # skip the structure stage: a fixed token set
+        r = pipe.models["dense_vae"].config.resolution
+        kwargs["structure_coords"] = torch.tensor([[0, r // 2, r // 2, r // 2], [0, r // 2 + 1, r // 2, r // 2]])
+    with pytest.raises(D3S2Error, match=f"the {stage} stage produced NaN or infinite values"):
+        pipe(square_image(), num_inference_steps=1, progress=False, **kwargs)
+
+
+def test_resolution_1024_without_its_stage_is_one_error(tmp_path, capsys):
+    from d3s2.pipelines.bundled import bundled_model_path
+
+    if bundled_model_path() is None:
+        pytest.skip("no bundled demo model")
+    a, b = _img(tmp_path / "a.png"), _img(tmp_path / "b.png")
+    assert main(["generate", a, b, "-o", str(tmp_path / "o"), "--resolution", "1024", "--no-progress"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and "no 1024 stage" in err[0], err

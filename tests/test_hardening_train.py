@@ -130,3 +130,14 @@ def test_train_check_accepts_the_shipped_configs(capsys):
                  "demo_train_dense_vae", "demo_train_dense_dit", "demo_train_ss_vae", "demo_train_ss_dit",
                  "train_ss_dit_v1_1_1024"):
         assert main(["train", name, "--check"]) == 0, capsys.readouterr().err
+
+
+def test_train_check_catches_unwritable_output_folders(tmp_path, capsys):
+    from d3s2.cli import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for key in ("checkpoint.dir", "log.dir"):
+        assert main(["train", "train_dense_vae_tiny", "--set", f"{key}={blocker}/sub", "--check"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{key}:" in err[0] and "is a file" in err[0], err

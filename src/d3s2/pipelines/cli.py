@@ -101,6 +101,9 @@ def run_generate(args: argparse.Namespace) -> int:
     pipe = ImageTo3DPipeline.from_pretrained(weights, device=args.device, low_vram=args.low_vram or None,
                                              revision=args.revision, resolution=args.resolution,
                                              matting=args.matting)
+    if args.resolution == 1024 and pipe.resolution_1024 is None:  # once, not as the same error for every image
+        raise D3S2Error("--resolution 1024: these weights have no 1024 stage (ss_vae_1024 / ss_dit_1024); "
+                        "use --resolution 512")
     steps = {"dense": args.steps_dense, "512": args.steps_512, "1024": args.steps_1024}
     failed = 0
     for plan in plans:

@@ -187,6 +187,7 @@ def latent_shell_coords(coords: np.ndarray | torch.Tensor, factor: int = 8, batc
 
 from d3s2.pipelines.token_band import band_queries as _band_queries  # noqa: E402
 from d3s2.pipelines.token_band import latent_band_coords  # noqa: E402
+from d3s2.pipelines.validation import require_finite as _require_finite  # noqa: E402
 
 _LOW_VRAM_WORKSPACE = 10 << 30  # activations of the 1024 stage besides the weights (see bench/pipeline.py)
 
@@ -645,6 +646,7 @@ class ImageTo3DPipeline:
         with self._use("dense_vae") as (vae,):
             with self._part("decode"):
                 logits = vae.decode(latent)
+                _require_finite(logits, "structure")
                 coords = occupancy_to_coords(logits, self.settings.occupancy_threshold)
         if hook is not None:
             with self._part("hook"):
@@ -683,6 +685,7 @@ class ImageTo3DPipeline:
             with self._part("decode"):
                 vae_dtype = next(vae.parameters()).dtype
                 decoded = decode_sparse_chunked(vae, latent.replace(latent.feats.to(vae_dtype)), chunk)
+                _require_finite(decoded.feats, f"sparse {stage}")
         if hook is not None:
             with self._part("hook"):
                 decoded = hook(stage, decoded)

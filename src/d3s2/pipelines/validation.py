@@ -4,7 +4,8 @@
 :meth:`ImageTo3DPipeline.__call__ <d3s2.pipelines.image_to_3d.ImageTo3DPipeline.__call__>` (one value, or a dict with
 keys ``dense``, ``512``, ``1024``) with the bounds of :mod:`d3s2.flow.checks`, so that a bad 512-stage value is not
 found only after the structure stage ran. :func:`check_generate_args` does the same for ``d3s2 generate``'s flags,
-naming the flag in the message.
+naming the flag in the message. :func:`require_finite` stops a run whose stage output is NaN / inf with that cause
+instead of an empty shape.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 from d3s2.errors import D3S2Error
 from d3s2.flow.checks import check_cfg, check_shift, check_steps
 
-__all__ = ["STAGE_KEYS", "check_overrides", "check_seed", "check_generate_args"]
+__all__ = ["STAGE_KEYS", "check_overrides", "check_seed", "check_generate_args", "require_finite"]
 
 STAGE_KEYS = ("dense", "512", "1024")
 _CHECKS = {"num_inference_steps": check_steps, "guidance_scale": check_cfg, "shift": check_shift}
@@ -56,3 +57,13 @@ def check_generate_args(args) -> None:
     check_seed(args.seed, "--seed")
     if args.faces is not None and args.faces < 4:
         raise D3S2Error(f"--faces {args.faces} is too small; ask for at least 4 faces")
+
+
+def require_finite(values, stage: str) -> None:
+    """A stage's output must be finite: NaN or inf (damaged weights, an overflow in the model dtype) would otherwise
+    surface as "no shape found ... try another seed", which sends the user after the wrong cause."""
+    import torch
+
+    if not bool(torch.isfinite(values).all()):
+        raise D3S2Error(f"the {stage} stage produced NaN or infinite values: the weights may be damaged or the model "
+                        "overflows in its dtype (try --device cpu or another --weights); another seed will not help")

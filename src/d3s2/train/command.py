@@ -30,6 +30,10 @@ def _cmd_train(args) -> int:
         if cfg.task not in TASK_REGISTRY:
             raise D3S2Error(f"unknown task '{cfg.task}' (known: {', '.join(sorted(TASK_REGISTRY))})")
         model_config_from(cfg.model)
+        from d3s2.fileio import check_writable_dir
+
+        check_writable_dir(cfg.checkpoint.dir, "checkpoint.dir")
+        check_writable_dir(cfg.log.dir, "log.dir")
 
         print(json.dumps({"task": cfg.task, "steps": cfg.total_steps, "phases": len(cfg.phases)}))
         return 0
