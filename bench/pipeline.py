@@ -59,7 +59,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA_TAU = 1.0 / 128  # the SS-VAE's SDF band / unit (d3s2 prepare default), in [-1, 1] cube units
-TARGETS = {"1024": {"seconds": 15.0, "peak_gb": 12.0}, "512": {"seconds": 6.0}}
+TARGETS = {"1024": {"seconds": 15.0, "peak_gb": 12.0}, "512": {"seconds": 6.0, "peak_gb": 8.0}}
 
 PAPER_PIPELINE = {
     "format": "d3s2-pipeline/1",
@@ -208,6 +208,8 @@ class Injector:
         self.sdf, self.structure, self.resolutions = sdf, structure, resolutions
         self.cache: dict[str, tuple[int, int, torch.Tensor]] = {}
         self.seen: dict[str, dict] = {}
+        self.band: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.field_cache: dict[str, tuple] = {}
 
     def structure_hook(self, coords: torch.Tensor) -> torch.Tensor:
         self.seen["structure"] = {"structure_stage_voxels": int(len(coords)), "injected_tokens": len(self.structure)}
@@ -235,7 +237,49 @@ class Injector:
             self.seen[f"decoded_voxels_{stage}"] = n
             self.seen[f"tokens_{stage}"] = n // 8**3  # every latent token decodes to its 8^3 children (no pruning)
         vals = hit[2].to(decoded.device, non_blocking=True)
+        self.band[stage] = (decoded.coords, vals)
         return decoded.replace(vals[:, None].to(decoded.dtype))
+
+    def refined_hook(self, stage: str, fields: list) -> list:
+        """Random refiner weights give no shape: each refined field becomes the release's field of the injected
+        mesh (its decoded band with the true SDF, and the side of every other voxel by a flood fill of the outside
+        from the grid's border), so that marching cubes and the 1024 band see the real surface. Cached."""
+        coords, vals = self.band[stage]
+        key = (stage, self._checksum(coords), len(coords))
+        hit = self.field_cache.get(stage)
+        if hit is None or hit[0] != key:
+            t0 = time.perf_counter()
+            hit = self.field_cache[stage] = (key, [self._true_field(stage, coords, vals, f, b)
+                                                   for b, f in enumerate(fields)])
+            self.seen[f"refined_field_seconds_{stage}"] = time.perf_counter() - t0
+        return [f.to(coords.device) for f in hit[1]]
+
+    def _true_field(self, stage, coords, vals, field, b):
+        from scipy import ndimage
+
+        from d3s2.geometry.refine import RefinedField, SideBits
+
+        R, scale = field.resolution, field.scale
+        sel = coords[:, 0] == b
+        c, v = coords[sel, 1:].long(), vals.to(coords.device)[sel].float()
+        order = torch.argsort((c[:, 0] * R + c[:, 1]) * R + c[:, 2])
+        c, v = c[order], v[order]
+        G = R // scale
+        cell = torch.div(c, scale, rounding_mode="floor")
+        band = torch.zeros(G, G, G, dtype=torch.bool, device=c.device)
+        band[cell[:, 0], cell[:, 1], cell[:, 2]] = True
+        mean = torch.zeros(G, G, G, dtype=torch.float32, device=c.device)
+        cnt = torch.zeros_like(mean)
+        mean.index_put_((cell[:, 0], cell[:, 1], cell[:, 2]), v, accumulate=True)
+        cnt.index_put_((cell[:, 0], cell[:, 1], cell[:, 2]), torch.ones_like(v), accumulate=True)
+        free = (~band).cpu().numpy()
+        labels, _ = ndimage.label(free)
+        border = np.unique(np.concatenate([labels[[0, -1]].ravel(), labels[:, [0, -1]].ravel(),
+                                           labels[:, :, [0, -1]].ravel()]))
+        outside = torch.from_numpy(np.isin(labels, border[border > 0])).to(c.device)
+        above = outside | (band & (mean > field.level * cnt))
+        return RefinedField(c, v.to(field.values.dtype), R, field.level, SideBits(above), scale, field.fill_above,
+                            field.fill_below)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -258,6 +302,24 @@ def build_pipeline(config, device: torch.device, dtype: torch.dtype, seed: int =
                 if p.dim() >= 1 and not bool(p.any()):
                     p.copy_(torch.randn(p.shape, generator=g, device=device, dtype=torch.float32).mul_(0.02))
     return pipe
+
+
+def with_refiners(pipe, device: torch.device, dtype: torch.dtype, smoke: bool, seed: int = 0):
+    """The pipeline plus the release's two refiners (random weights, built on ``device``): full size, or for the
+    smoke run tiny ones tiling pipeline_tiny's 64^3 / 128^3 grids."""
+    from d3s2.models.refiner import SDFRefiner, SDFRefinerConfig, SignRefiner, SignRefinerConfig
+    from d3s2.pipelines import ImageTo3DPipeline
+
+    torch.manual_seed(seed + 1)
+    small = dict(block_out_channels=[4, 8], layers_per_block=1, layers_mid_block=0, norm_groups=2, patch_size=32,
+                 patch_stride=16, resolution=64) if smoke else {}
+    feat = pipe.models["ss_vae_512"].cfg.decoder_channels[-1]
+    with torch.device(device):
+        nets = {"refiner_512": SDFRefiner(SDFRefinerConfig(feature_channels=feat, **small)),
+                "refiner_1024": SignRefiner(SignRefinerConfig(**small))}
+    return ImageTo3DPipeline({**pipe.models, **nets}, pipe.samplers, pipe.settings, device=pipe.device,
+                             dtype=dtype, low_vram=False, component_configs=pipe.component_configs,
+                             encoder_config=pipe.encoder_config)
 
 
 def set_conv_backend(models: dict, backend: str) -> int:
@@ -332,6 +394,9 @@ def _main(argv: list[str] | None) -> int:
     ap.add_argument("--cfg", type=float, default=7.0)
     ap.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--refiners", choices=["on", "off"], default="on",
+                    help="the release's 512 SDF refiner and 1024 sign refiner (random weights; the field they give "
+                         "is replaced by the injected mesh's, their compute is timed)")
     ap.add_argument("--conv-backend", choices=["auto", "triton", "reference"], default="auto",
                     help="sparse conv implementation (auto: Triton on CUDA; falls back to reference if the warm-up "
                          "fails with it)")
@@ -378,10 +443,12 @@ def _main(argv: list[str] | None) -> int:
         "targets": TARGETS,
         "runs": [],
     }
-    path = os.path.join(args.out, f"pipeline-{doc['card']}.json")
+    path = os.path.join(args.out, f"pipeline-{doc['card']}{'-refiners' if args.refiners == 'on' else ''}.json")
 
     t0 = time.perf_counter()
     pipe = build_pipeline(config, device, dtype, args.seed)
+    if args.refiners == "on":
+        pipe = with_refiners(pipe, device, dtype, args.smoke, args.seed)
     if device.type == "cuda":
         torch.cuda.synchronize()
     doc["build_seconds"] = time.perf_counter() - t0
@@ -413,7 +480,7 @@ def _main(argv: list[str] | None) -> int:
     doc["injected"] = injected
     print("injected", json.dumps(injected), flush=True)
     inj = Injector(TrueSDF(vs, f, device), structure, {"512": r512, "1024": r1024})
-    hooks = {"structure": inj.structure_hook, "decoded": inj.decoded_hook}
+    hooks = {"structure": inj.structure_hook, "decoded": inj.decoded_hook, "refined": inj.refined_hook}
     image = test_image(518 if not args.smoke else 64)
     kw = dict(num_inference_steps={"dense": steps[0], "512": steps[1], "1024": steps[2]},
               guidance_scale=args.cfg, progress=False, hooks=hooks)

@@ -126,7 +126,23 @@ def tiny_release(version: str, seed: int = 3):
                                        "dit": release_state_dict(models["ss_dit_512"])},
              "model_sparse_1024.ckpt": {"vae": release_state_dict(models["ss_vae_1024"]),
                                         "dit": release_state_dict(models["ss_dit_1024"])}}
+    # the refiners' widths are fixed by the release class (no tiny release params): full-size meta checkpoints
+    # (a few kilobytes; they load strictly, but cannot run; see tiny_refiners for runnable ones)
+    meta = meta_checkpoints(version)
+    ckpts.update({f: meta[f] for f in ("model_refiner.ckpt", "model_refiner_1024.ckpt")})
     return config, ckpts, models
+
+
+def tiny_refiners(seed: int = 5) -> dict:
+    """Runnable tiny refiners (d3s2 configs, not expressible as release params): widths 4 / 8, one block per level,
+    16^3 patches at stride 12 on a 40^3 grid (SDF) and 16^3 at stride 12 (sign)."""
+    from d3s2.models.refiner import SDFRefiner, SDFRefinerConfig, SignRefiner, SignRefinerConfig
+
+    torch.manual_seed(seed)
+    common = dict(block_out_channels=[4, 8], layers_per_block=1, layers_mid_block=0, norm_groups=2, patch_size=16,
+                  patch_stride=12, resolution=40)
+    return {"refiner_512": SDFRefiner(SDFRefinerConfig(feature_channels=8, mlp_hidden=8, **common)).eval(),
+            "refiner_1024": SignRefiner(SignRefinerConfig(**common)).eval()}
 
 
 def sphere_hooks(pipe, radius: float = 0.5):

@@ -41,7 +41,7 @@ def test_smoke_run_writes_per_stage_numbers_of_the_injected_mesh(tmp_path, duck)
     torch.set_num_threads(2)
     assert bench.main(["--smoke", "--out", str(tmp_path), "--target-tokens", "60"]) == 0
     assert torch.get_num_threads() == 2  # the smoke's single thread does not leak into the caller
-    doc = json.loads((tmp_path / "pipeline-cpu-smoke.json").read_text())
+    doc = json.loads((tmp_path / "pipeline-cpu-smoke-refiners.json").read_text())  # refiners on by default
     inj = doc["injected"]
     assert inj["mesh"] == "duck" and 0 < inj["scale"] < 1 and inj["tokens_512"] > 0
     assert [(r["resolution"], r["low_vram"]) for r in doc["runs"]] == [(512, False), (1024, False), (512, True),
@@ -54,8 +54,10 @@ def test_smoke_run_writes_per_stage_numbers_of_the_injected_mesh(tmp_path, duck)
     stages = {s["stage"]: s for s in run["stages"]}
     assert list(stages) == ["preprocess", "condition", "structure", "sparse_512", "sparse_1024", "cleanup", "total"]
     assert abs(sum(s["seconds"] for s in run["stages"][:-1]) - stages["total"]["seconds"]) < 0.5
-    for name in ("dit", "decode", "hook", "marching_cubes", "band", "to_device", "offload"):
+    for name in ("dit", "decode", "hook", "refiner", "marching_cubes", "band", "to_device", "offload"):
         assert name in stages["sparse_1024"]["parts"], name
+    assert "refiner" in stages["sparse_512"]["parts"]
+    assert set(doc["params_millions"]) >= {"refiner_512", "refiner_1024"}
     assert set(stages["structure"]["parts"]) >= {"dit", "decode", "hook"}
     seen = run["injected_seen"]
     # the structure stage ran (its own voxels) and was replaced by the mesh's latent shell

@@ -146,6 +146,16 @@ def test_chunked_decoding_matches_one_shot():
     with torch.no_grad():
         no_halo = decode_sparse_chunked(vae, z, chunk=4, halo=0)
     assert not torch.allclose(by_key(no_halo)[1], ff, atol=1e-5)
+    # the decoder's last features (the 512 refiner's input), row for row with the decoded voxels, chunked or not
+    with torch.no_grad():
+        full2, feat_full = vae.decode(z, return_features=True)
+        chunk2, feat_chunk = decode_sparse_chunked(vae, z, chunk=4, return_features=True)
+    assert torch.equal(full2.feats, full.feats) and feat_full.shape == (full.num_voxels, vae.cfg.decoder_channels[-1])
+    assert feat_chunk.shape == feat_full.shape and feat_full.abs().max() > 0
+    torch.testing.assert_close(by_key(chunk2.replace(feat_chunk))[1], by_key(full2.replace(feat_full))[1],
+                               rtol=1e-5, atol=1e-5)
+    # the out layer of those features is the decoded SDF
+    torch.testing.assert_close(torch.tanh(vae.decoder.out_layer(full2.replace(feat_full)).feats), full.feats)
 
 
 def test_1024_stage_from_the_512_mesh():

@@ -6,7 +6,6 @@ transfer cut half-way leaves no file in the cache and the retry succeeds, offlin
 
 import hashlib
 import io
-import json
 import os
 from pathlib import Path
 
@@ -23,11 +22,6 @@ from release_fixtures import sphere_hooks, tiny_release
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-_ROOT = Path(__file__).resolve().parents[1]
-# the published key list (shared/ sits in or beside the checkout); refiners get those names when it is there
-KEYS_FILE = next((p for p in (_ROOT / "shared", _ROOT.parent / "shared", Path("/work/shared"))
-                  if (p / "reference" / "official_state_dict_keys.json").is_file()), _ROOT) \
-    / "reference" / "official_state_dict_keys.json"
 RELEASE = "wushuang98/Direct3D-S2"
 SUB = "direct3d-s2-v-1-1"
 D3S2_REPO = "tester/d3s2-tiny"
@@ -39,14 +33,6 @@ def _ckpt_bytes(obj) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
-
-
-def _refiner(name):
-    """A refiner checkpoint with the published key names (tiny tensors: d3s2 does not run the refiners)."""
-    keys = [f"w{i}" for i in range(4)]
-    if KEYS_FILE.is_file():
-        keys = list(json.loads(KEYS_FILE.read_text())["components"][name]["keys"])
-    return {"refiner": {k: torch.zeros(1) for k in keys}}
 
 
 def _timm_dinov2(enc) -> bytes:
@@ -80,10 +66,9 @@ def server(tiny, release):
     folder, pipe = tiny
     m = pipe.models
     config, ckpts, _ = release
+    # refiners: full-size meta checkpoints (they load strictly, cannot run: the tests build with refiners=False)
     files = {"config.yaml": yaml.safe_dump(config).encode(),
-             **{name: _ckpt_bytes(ckpt) for name, ckpt in ckpts.items()},
-             "model_refiner.ckpt": _ckpt_bytes(_refiner("refiner")),
-             "model_refiner_1024.ckpt": _ckpt_bytes(_refiner("refiner_1024"))}
+             **{name: _ckpt_bytes(ckpt) for name, ckpt in ckpts.items()}}
     hub = FakeHub().start()
     hub.add_repo(RELEASE, {f"{sub}/{k}": v for k, v in files.items()
                            for sub in (SUB, "direct3d-s2-v-1-0")} | {"README.md": b"# release\n"})
@@ -150,7 +135,7 @@ def test_release_downloads_what_the_resolution_needs_then_nothing(online, tiny, 
     src = release[2]
     enc = tiny[1].models["image_encoder"]
     pipe = ImageTo3DPipeline.from_pretrained(RELEASE, device="cpu", resolution=512, image_encoder=enc,
-                                             matting="border")
+                                             matting="border", refiners=False)
     # the 512 files and DINOv2 (not cached anywhere yet), nothing of the 1024 stage
     assert _names(hub.content_gets()) == sorted(FILES_512 | {"model.safetensors"})
     assert set(pipe.models) == set(src) - {"ss_vae_1024", "ss_dit_1024"} | {"image_encoder"}
@@ -168,14 +153,14 @@ def test_release_downloads_what_the_resolution_needs_then_nothing(online, tiny, 
     # a second run: no content request (one metadata request for the branch), same models
     hub.reset()
     again = ImageTo3DPipeline.from_pretrained(RELEASE, device="cpu", resolution=512, image_encoder=enc,
-                                              matting="border")
+                                              matting="border", refiners=False)
     assert hub.content_gets() == [] and len(hub.requests) <= 1
     _same_weights(pipe, again)
 
     # the 1024 stage later: exactly its two files
     hub.reset()
     full = ImageTo3DPipeline.from_pretrained(RELEASE, device="cpu", resolution=1024, image_encoder=enc,
-                                             matting="border")
+                                             matting="border", refiners=False)
     assert _names(hub.content_gets()) == sorted(FILES_1024)
     for name, m in src.items():
         for k, v in m.state_dict().items():
@@ -186,7 +171,7 @@ def test_release_downloads_what_the_resolution_needs_then_nothing(online, tiny, 
 
     hub.reset()
     v10 = load_official_pipeline(f"{RELEASE}/direct3d-s2-v-1-0", device="cpu", resolution=512, image_encoder=enc,
-                                 matting="border")
+                                 matting="border", refiners=False)
     assert hub.content_gets() == [] and "ss_dit_512" in v10.models
 
 
@@ -257,7 +242,7 @@ def _cache_files(cache: Path) -> list[Path]:
 def test_interrupted_download_leaves_no_file_and_the_retry_succeeds(online, tiny):
     hub, files, cache = online
     enc = tiny[1].models["image_encoder"]
-    kw = dict(device="cpu", resolution=512, image_encoder=enc, matting="border")
+    kw = dict(device="cpu", resolution=512, image_encoder=enc, matting="border", refiners=False)
     hub.drop_always.add(f"{SUB}/model_sparse_512.ckpt")  # every attempt stops half-way (the client retries 5 times)
     with pytest.raises(D3S2Error, match="model_sparse_512.ckpt .*failed.*run the command again") as err:
         ImageTo3DPipeline.from_pretrained(RELEASE, **kw)
@@ -286,7 +271,7 @@ def test_interrupted_download_leaves_no_file_and_the_retry_succeeds(online, tiny
 def test_offline_is_one_line_and_never_asks_the_server(online, tiny, monkeypatch):
     hub, _, _ = online
     enc = tiny[1].models["image_encoder"]
-    kw = dict(device="cpu", image_encoder=enc, matting="border")
+    kw = dict(device="cpu", image_encoder=enc, matting="border", refiners=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(D3S2Error, match=r"wushuang98/Direct3D-S2: the authors' weights are not available offline; "
                                         r"download config\.yaml, model_dense\.ckpt, model_sparse_512\.ckpt, "

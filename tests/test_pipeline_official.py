@@ -48,7 +48,8 @@ def test_full_size_release_folder_loads_every_tensor(version, tmp_path):
                      "ss_dit_1024": (15, 7.0, 8.0, "flow_match_euler", "model")}
     st = rel.settings
     assert (st.band, st.surface, st.marching_cubes, st.preprocess) == ("release",) * 2 + ("lewiner", "release")
-    assert (st.mc_level_512, st.mc_level_1024, st.occupancy_threshold) == (0.4, 0.2, 0.1)
+    assert (st.mc_level_512_refined, st.mc_level_512, st.mc_level_1024, st.occupancy_threshold) == (0.4, 0.2, 0.2, 0.1)
+    assert st.refine
     # resolution 512 leaves the 1024 files alone
     assert set(load_release(folder, resolution=512).models) == set(COMPONENT_KEYS) - {"ss_vae_1024", "ss_dit_1024"}
 
@@ -86,7 +87,11 @@ def tiny_folder(request, tmp_path_factory):
 def test_tiny_release_round_trip(tiny_folder):
     version, folder, models = tiny_folder
     enc = DINOv2Encoder(ImageEncoderConfig.tiny())
-    pipe = load_official_pipeline(folder, device="cpu", image_encoder=enc)
+    # the tiny folder's refiners are full-size meta checkpoints (they load strictly, cannot run): a clear error
+    with pytest.raises(D3S2Error, match="refiner_512.*no weights"):
+        load_official_pipeline(folder, device="cpu", image_encoder=enc)
+    pipe = load_official_pipeline(folder, device="cpu", image_encoder=enc, refiners=False)
+    assert "refiner_512" not in pipe.models
     assert pipe.dtype == torch.float32  # fp16 is the release's CUDA dtype; the CPU runs fp32
     for name, m in models.items():
         sd = pipe.models[name].state_dict()
@@ -100,7 +105,8 @@ def test_tiny_release_round_trip(tiny_folder):
         coords = pipe._structure(pipe._condition(pix), torch.Generator().manual_seed(0), 2, None, None, False)
     assert coords.shape[1] == 4
     # the same folder through the generic entry point
-    assert isinstance(ImageTo3DPipeline.from_pretrained(folder, device="cpu", image_encoder=enc), ImageTo3DPipeline)
+    assert isinstance(ImageTo3DPipeline.from_pretrained(folder, device="cpu", image_encoder=enc, refiners=False),
+                      ImageTo3DPipeline)
 
 
 def test_release_errors(tiny_folder, tmp_path):

@@ -71,11 +71,16 @@ def main(argv=None) -> int:
     ap.add_argument("--size", choices=("full", "small"), default="full")
     ap.add_argument("--versions", nargs="+", default=["v1.1", "v1.0"])
     ap.add_argument("--rows", nargs="+", default=["scheduler", "preprocess", "cond", "band", "dense", "vae512",
-                                                  "vae1024", "dit512", "dit1024", "mc512", "mc1024"])
+                                                  "vae1024", "dit512", "dit1024", "mc512", "mc1024",
+                                                  "refiner_512_patch", "refiner_1024_patch"],
+                    help="rows to run (space- or comma-separated)")
+    ap.add_argument("--refiner-patch", type=int, default=None,
+                    help="refiner rows: patch side (default: the release's 192 / 256 at --size full, 32 small)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=os.environ.get("OUT", str(HERE.parents[1] / "bench" / "results")))
     ap.add_argument("--workdir", default=None, help="where the release folders are written (default: a temp dir)")
     args = ap.parse_args(argv)
+    args.rows = [r for item in args.rows for r in item.split(",") if r]
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     import rows as R
@@ -139,6 +144,11 @@ def main(argv=None) -> int:
                     run(f"MC {stage}", R.marching_cubes, h, stage, 0.2)
             if "band" in args.rows:
                 run("band", R.token_band, h)
+            import refiner_rows  # the refiners are the same in both versions
+
+            for name in refiner_rows.NAMES:
+                if name in args.rows:
+                    run(name, refiner_rows.refiner_patch, h, name, args.refiner_patch)
         del h
     print(table(results))
     print(f"wrote {out_path}")

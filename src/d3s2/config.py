@@ -41,6 +41,8 @@ MODEL_REGISTRY: dict[str, str] = {
     "dense_dit": "d3s2.models.dense_dit:DenseDiT",
     "ss_vae": "d3s2.models.ss_vae:SSVAE",
     "ss_dit": "d3s2.models.ss_dit:SSDiT",
+    "sdf_refiner": "d3s2.models.refiner:SDFRefiner",
+    "sign_refiner": "d3s2.models.refiner:SignRefiner",
 }
 
 

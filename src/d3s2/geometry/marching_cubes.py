@@ -169,8 +169,16 @@ def sparse_marching_cubes(
     world: bool = False,
     chunk_size: int | None = None,
     dtype: torch.dtype = torch.float32,
+    fill: float | None = None,
+    fill_fn=None,
+    world_offset: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Marching cubes over the cells whose 8 corner samples all exist.
+
+    ``fill`` (a value) or ``fill_fn`` (``coords [M, 3] -> values [M]``) give absent samples a value instead (the
+    release's dense-grid semantics): every cell inside the grid that touches a given sample exists (the 26-neighbour
+    ring of absent samples is added first); needs ``resolution``. ``world_offset``: grid ``g`` maps to
+    ``-1 + (g + world_offset) * 2 / R`` with ``world=True`` (0.5: voxel centres; 0.0: the release's ``g / R * 2 - 1``).
 
     ``coords``: int [N, 3] sample (voxel) coordinates in ``[0, resolution)``, unique; ``values``: [N] samples (SDF,
     negative inside). Tensors (CPU or CUDA) or numpy arrays; the work runs on ``coords``' device.
@@ -193,6 +201,12 @@ def sparse_marching_cubes(
         raise D3S2Error("marching cubes got NaN/inf SDF values; fix the decoder output or drop those voxels")
     if world and resolution is None:
         raise D3S2Error("world=True needs the grid resolution")
+    if fill is not None or fill_fn is not None:
+        if fill is not None and fill_fn is not None:
+            raise D3S2Error("give fill= or fill_fn= for absent voxels, not both")
+        if resolution is None:
+            raise D3S2Error("fill= / fill_fn= need the grid resolution")
+        coords, values = _with_fill_ring(coords, values, int(resolution), fill, fill_fn)
     if chunk_size is None:
         chunk_size = 1 << 22 if device.type == "cuda" else 1 << 18
     if chunk_size < 1:
@@ -284,8 +298,41 @@ def sparse_marching_cubes(
         dim=1,
     ).to(torch.float64)
     grid[torch.arange(len(grid), device=device), axis] += t
-    verts = grid_to_world(grid, resolution) if world else grid
+    if world:
+        verts = (grid + world_offset) * (2.0 / resolution) - 1.0
+    else:
+        verts = grid
     return verts.to(dtype), faces
+
+
+def _with_fill_ring(coords: torch.Tensor, values: torch.Tensor, resolution: int, fill, fill_fn,
+                    chunk: int = 1 << 20) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add the absent samples of the 26-neighbour ring of ``coords`` (inside the grid) with ``fill`` /
+    ``fill_fn`` values; chunked so the 27-fold candidate set stays bounded."""
+    device = coords.device
+    if len(coords) == 0:
+        return coords, values
+    if int(coords.min()) < 0 or int(coords.max()) >= resolution:
+        raise D3S2Error(f"voxel coordinates must lie in [0, {resolution}) for resolution {resolution}")
+    r = resolution
+    keys = torch.sort((coords[:, 0] * r + coords[:, 1]) * r + coords[:, 2]).values
+    offs = torch.stack(torch.meshgrid(*[torch.arange(-1, 2, device=device)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    parts = []
+    for start in range(0, len(coords), chunk):
+        cand = (coords[start:start + chunk, None, :] + offs[None]).reshape(-1, 3)
+        cand = cand[((cand >= 0) & (cand < r)).all(1)]
+        ck = torch.unique((cand[:, 0] * r + cand[:, 1]) * r + cand[:, 2])
+        pos = torch.searchsorted(keys, ck).clamp_max_(len(keys) - 1)
+        parts.append(ck[keys[pos] != ck])
+    ring = torch.unique(torch.cat(parts))
+    ring_c = torch.stack([ring // (r * r), (ring // r) % r, ring % r], 1)
+    if fill_fn is not None:
+        ring_v = torch.as_tensor(fill_fn(ring_c)).to(device=device, dtype=values.dtype).reshape(-1)
+        if len(ring_v) != len(ring_c):
+            raise D3S2Error(f"fill_fn returned {len(ring_v)} values for {len(ring_c)} voxels")
+    else:
+        ring_v = torch.full((len(ring_c),), float(fill), dtype=values.dtype, device=device)
+    return torch.cat([coords, ring_c]), torch.cat([values, ring_v])
 
 
 def dense_marching_cubes(volume, level: float = 0.0, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:

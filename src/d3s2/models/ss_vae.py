@@ -160,10 +160,12 @@ class SSVAEDecoder(nn.Module):
         self.upsample = nn.ModuleList(SparseSubdivideBlock3d(a, b, cfg.prune_children) for a, b in zip(ch[:-1], ch[1:]))
         self.out_layer = SparseLinear(ch[-1], 1)
 
-    def forward(self, z: SparseTensor, keep=None) -> tuple[SparseTensor, list[torch.Tensor]]:
+    def forward(self, z: SparseTensor, keep=None, return_features: bool = False):
         """``keep``: optional callable ``(level, h) -> [N_level, 8]`` bool mask of the children to keep at each
         up-sampling level (teacher forcing of the pruning while training); only used with ``prune_children``.
-        Returns the decoded SDF and the keep logits of every level (empty without pruning)."""
+        Returns the decoded SDF and the keep logits of every level (empty without pruning); with
+        ``return_features`` also the last up-sampling block's features ``[M', C]`` (the release's ``return_feat``,
+        the 512 SDF refiner's input)."""
         h = self.input_layer(z)
         h = h + self.pos_embedder(h.coords[:, 1:]).to(h.dtype)
         for block in self.blocks:
@@ -176,7 +178,8 @@ class SSVAEDecoder(nn.Module):
             h, lg = block(h, k)
             if lg is not None:
                 logits.append(lg)
-        return h.replace(torch.tanh(self.out_layer(h).feats)), logits
+        out = h.replace(torch.tanh(self.out_layer(h).feats))
+        return (out, logits, h.feats) if return_features else (out, logits)
 
 
 @dataclass
@@ -225,9 +228,11 @@ class SSVAE(nn.Module):
             z = mean + torch.exp(0.5 * logvar) * eps
         return moments.replace(z.to(moments.dtype)), mean, logvar
 
-    def decode(self, z: SparseTensor, keep=None) -> SparseTensor:
-        """Latent -> SDF ``[M', 1]`` in [-1, 1] (scaled units) at ``8 x`` the latent resolution."""
-        return self.decoder(z, keep)[0]
+    def decode(self, z: SparseTensor, keep=None, return_features: bool = False):
+        """Latent -> SDF ``[M', 1]`` in [-1, 1] (scaled units) at ``8 x`` the latent resolution; with
+        ``return_features`` a pair ``(sdf, features [M', C])`` (the decoder's last features, per decoded voxel)."""
+        out = self.decoder(z, keep, return_features)
+        return (out[0], out[2]) if return_features else out[0]
 
     def forward(self, x: SparseTensor, sample_posterior: bool = True, target: SparseTensor | None = None,
                 generator: torch.Generator | None = None) -> SSVAEOutput:

@@ -19,6 +19,7 @@ import sys
 import warnings
 
 from d3s2.errors import D3S2Error
+from d3s2.geometry.report import MeshReport
 
 __all__ = ["add_parser", "run_generate", "format_stats"]
 
@@ -55,6 +56,7 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--low-vram", action="store_true", help="keep each model on the GPU only for its stage")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-refine", action="store_true", help="skip the release's refiners (mesh the SS-VAE output)")
     p.set_defaults(func=run_generate)
 
 
@@ -104,6 +106,10 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.resolution == 1024 and pipe.resolution_1024 is None:  # once, not as the same error for every image
         raise D3S2Error("--resolution 1024: these weights have no 1024 stage (ss_vae_1024 / ss_dit_1024); "
                         "use --resolution 512")
+    if args.no_refine:
+        import dataclasses
+
+        pipe.settings = dataclasses.replace(pipe.settings, refine=False)
     steps = {"dense": args.steps_dense, "512": args.steps_512, "1024": args.steps_1024}
     failed = 0
     for plan in plans:
@@ -134,7 +140,9 @@ def run_generate(args: argparse.Namespace) -> int:
         _print_warnings(caught)
         m = meshes[0]
         extra = f" + {os.fspath(preview)}" if args.preview else ""
-        print(f"{image} -> {os.fspath(target)}{extra} ({len(m.vertices)} vertices, {len(m.faces)} faces): "
+        report = m.metadata.get("d3s2_report")
+        shape = f"; {MeshReport(**report).summary()}" if report else ""
+        print(f"{image} -> {os.fspath(target)}{extra} ({len(m.vertices)} vertices, {len(m.faces)} faces{shape}): "
               f"{format_stats(pipe.last_stats)}")
     if failed:
         print(f"d3s2 generate: {failed} of {len(images)} image(s) failed", file=sys.stderr)

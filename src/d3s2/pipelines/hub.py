@@ -220,7 +220,7 @@ def _ensure_dinov2(s: HubSettings) -> None:
 def _d3s2_weight_files(yaml_path: Path, resolution: int | None, where: str) -> list[str]:
     import yaml
 
-    from d3s2.pipelines.image_to_3d import COMPONENTS, OPTIONAL_COMPONENTS
+    from d3s2.pipelines.image_to_3d import COMPONENTS, OPTIONAL_COMPONENTS, STAGE_1024_COMPONENTS
 
     try:
         data = yaml.safe_load(yaml_path.read_text()) or {}
@@ -231,7 +231,7 @@ def _d3s2_weight_files(yaml_path: Path, resolution: int | None, where: str) -> l
         raise D3S2Error(f"{where}: pipeline.yaml has no components: not a d3s2 pipeline")
     names = [n for n in (*COMPONENTS, *OPTIONAL_COMPONENTS) if n == "image_encoder" or n in comps]
     if resolution == 512:
-        names = [n for n in names if n not in OPTIONAL_COMPONENTS]
+        names = [n for n in names if n not in STAGE_1024_COMPONENTS]
     return [f"{n}.safetensors" for n in names]
 
 

@@ -58,13 +58,15 @@ from d3s2.config import MODEL_REGISTRY, from_dict, load_yaml, resolve_config_pat
 from d3s2.errors import D3S2Error
 
 __all__ = ["PipelineSettings", "ImageTo3DPipeline", "decode_sparse_chunked", "latent_shell_coords",
-           "latent_band_coords", "COMPONENTS", "OPTIONAL_COMPONENTS", "FORMAT_TAG"]
+           "latent_band_coords", "COMPONENTS", "OPTIONAL_COMPONENTS", "STAGE_1024_COMPONENTS", "FORMAT_TAG"]
 
 FORMAT_TAG = "d3s2-pipeline/1"
 COMPONENTS = ("image_encoder", "dense_vae", "dense_dit", "ss_vae_512", "ss_dit_512")
-OPTIONAL_COMPONENTS = ("ss_vae_1024", "ss_dit_1024")
+OPTIONAL_COMPONENTS = ("ss_vae_1024", "ss_dit_1024", "refiner_512", "refiner_1024")
+STAGE_1024_COMPONENTS = ("ss_vae_1024", "ss_dit_1024", "refiner_1024")
 _KIND = {"dense_vae": "dense_vae", "dense_dit": "dense_dit", "ss_vae_512": "ss_vae", "ss_dit_512": "ss_dit",
-         "ss_vae_1024": "ss_vae", "ss_dit_1024": "ss_dit"}
+         "ss_vae_1024": "ss_vae", "ss_dit_1024": "ss_dit", "refiner_512": "sdf_refiner",
+         "refiner_1024": "sign_refiner"}
 
 
 @dataclass
@@ -74,6 +76,11 @@ class PipelineSettings:
     occupancy_threshold: float = 0.1
     mc_level_512: float = 0.0
     mc_level_1024: float = 0.2
+    # the release's refiners (components refiner_512 / refiner_1024, pipelines/refining.py) when the pipeline has
+    # them: the 512 SDF refiner's output is meshed at mc_level_512_refined (the release: 0.4), the 1024 sign
+    # refiner's field at mc_level_1024
+    refine: bool = True
+    mc_level_512_refined: float = 0.4
     band_voxels: float = 4.0  # 1024 stage: unsigned band |d| < band_voxels / R of the 512 mesh
     decode_chunk: int | None = 64  # latent voxels per side of one SS-VAE decoding chunk (None: one shot)
     min_area_fraction: float = 0.0  # cleanup: drop components below this fraction of the area
@@ -86,15 +93,25 @@ class PipelineSettings:
     cuda_graphs: bool | None = None
     # the release's computations where they differ from d3s2's (release folders set them; see pipelines/official.py)
     band: str = "d3s2"  # 1024 token set: "d3s2" | "release" (renormalised mesh, grid points i/(R-1)), token_band.py
-    surface: str = "d3s2"  # absent voxels in marching cubes: "d3s2" (no cell) | "release" (value 1.0, vertex g/R*2-1)
+    # absent voxels in marching cubes: "closed" (inside / outside values: closed surfaces, geometry/closed.py) |
+    # "d3s2" (no cell: open where the band stops) | "release" (value 1.0, vertex g/R*2-1)
+    surface: str = "closed"
+    closed_dilation: int = 1  # surface "closed": coarse cells the band is dilated by before the outside flood fill
+    closed_factor: int | None = None  # surface "closed": coarse cell size in voxels (None: grid of at most ~128^3)
+    min_volume_fraction: float = 0.0  # cleanup: drop closed components below this fraction of the largest's volume
+    remove_enclosed: bool = True  # cleanup: drop components inside another (generalised winding number > 0.5)
     marching_cubes: str = "lorensen"  # "lorensen" (vectorised, any device) | "lewiner" (skimage's triangles, CPU)
     preprocess: str = "d3s2"  # image framing: "d3s2" | "release" (pipelines/preprocess.py)
 
     def __post_init__(self) -> None:
-        for name, allowed in (("band", ("d3s2", "release")), ("surface", ("d3s2", "release")),
+        for name, allowed in (("band", ("d3s2", "release")), ("surface", ("closed", "d3s2", "release")),
                               ("marching_cubes", ("lorensen", "lewiner")), ("preprocess", ("d3s2", "release"))):
             if getattr(self, name) not in allowed:
                 raise D3S2Error(f"settings.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.closed_dilation < 0 or (self.closed_factor is not None and self.closed_factor < 1):
+            raise D3S2Error("settings.closed_dilation must be >= 0 and closed_factor >= 1 (or null)")
+        if not (0 <= self.min_area_fraction < 1 and 0 <= self.min_volume_fraction < 1):
+            raise D3S2Error("settings.min_area_fraction / min_volume_fraction must lie in [0, 1)")
         if self.marching_cubes == "lewiner" and self.surface != "release":
             raise D3S2Error("settings.marching_cubes 'lewiner' needs surface 'release' (a value for absent voxels)")
 
@@ -192,19 +209,20 @@ from d3s2.pipelines.validation import require_finite as _require_finite  # noqa:
 _LOW_VRAM_WORKSPACE = 10 << 30  # activations of the 1024 stage besides the weights (see bench/pipeline.py)
 
 
-def decode_sparse_chunked(vae, z, chunk: int | None = None, halo: int = 3):
+def decode_sparse_chunked(vae, z, chunk: int | None = None, halo: int = 3, return_features: bool = False):
     """SS-VAE decode with the up-sampling stack run in spatial chunks of ``chunk`` latent voxels per side.
 
     The transformer blocks run once on all latent tokens (their attention windows span chunks); only the conv /
     subdivide stack, where the memory goes (8^3 children per latent voxel), is chunked. Its receptive field is under
     3 latent voxels (conv3 at the latent level, then half, quarter, eighth voxels per level), so a ``halo`` of 3
     latent voxels makes every kept output identical to the one-shot decode (there are no norms in that stack).
-    ``chunk=None`` decodes in one piece. Returns the decoded SparseTensor (children grouped by chunk)."""
+    ``chunk=None`` decodes in one piece. Returns the decoded SparseTensor (children grouped by chunk); with
+    ``return_features`` a pair ``(decoded, features [M', C])``, the decoder's last features row by row."""
     from d3s2.sparse import SparseTensor
 
     dec = vae.decoder
     if chunk is None or getattr(dec, "upsample", None) is None or any(b.prune is not None for b in dec.upsample):
-        return vae.decode(z)
+        return vae.decode(z, return_features=return_features)
     h = dec.input_layer(z)
     h = h + dec.pos_embedder(h.coords[:, 1:]).to(h.dtype)
     for block in dec.blocks:
@@ -217,7 +235,7 @@ def decode_sparse_chunked(vae, z, chunk: int | None = None, halo: int = 3):
     cell = torch.div(coords[:, 1:], chunk, rounding_mode="floor")
     keys = torch.unique(torch.cat([coords[:, :1], cell], 1), dim=0)
     factor = 2 ** len(dec.upsample)
-    feats_out, coords_out = [], []
+    feats_out, coords_out, last = [], [], []
     for key in keys:
         b, lo = int(key[0]), key[1:] * chunk
         hi = lo + chunk
@@ -232,9 +250,12 @@ def decode_sparse_chunked(vae, z, chunk: int | None = None, halo: int = 3):
         core = ((parent >= lo) & (parent < hi)).all(1)
         feats_out.append(torch.tanh(out.feats[core]))
         coords_out.append(out.coords[core])
+        if return_features:
+            last.append(part.feats[core])
         del part, out
-    return SparseTensor(torch.cat(feats_out), torch.cat(coords_out), h.batch_size,
-                        h.resolution * factor if h.resolution is not None else None)
+    decoded = SparseTensor(torch.cat(feats_out), torch.cat(coords_out), h.batch_size,
+                           h.resolution * factor if h.resolution is not None else None)
+    return (decoded, torch.cat(last)) if return_features else decoded
 
 
 class _Bar:
@@ -276,6 +297,10 @@ class ImageTo3DPipeline:
             raise D3S2Error(f"pipeline is missing component(s): {', '.join(missing)}")
         if ("ss_vae_1024" in models) != ("ss_dit_1024" in models):
             raise D3S2Error("the 1024 stage needs both ss_vae_1024 and ss_dit_1024")
+        empty = [n for n, m in models.items() if any(p.is_meta for p in m.parameters())]
+        if empty:
+            raise D3S2Error(f"component(s) {', '.join(empty)} hold no weights (meta tensors): load their checkpoints "
+                            "first (or leave them out, e.g. refiners=False)")
         self.models = dict(models)
         self.samplers = dict(samplers or {})
         self.settings = settings or PipelineSettings()
@@ -425,7 +450,7 @@ class ImageTo3DPipeline:
             raise D3S2Error(f"{cfg_path}: format {data.get('format')!r} is not {FORMAT_TAG!r}")
         comps, enc_cfg, settings = cls._parse(data, cfg_path.name)
         if resolution == 512:
-            comps = {n: c for n, c in comps.items() if n not in OPTIONAL_COMPONENTS}
+            comps = {n: c for n, c in comps.items() if n not in STAGE_1024_COMPONENTS}
         models: dict[str, torch.nn.Module] = {}
         names = ["image_encoder", *comps]
         for name in names:
@@ -660,7 +685,9 @@ class ImageTo3DPipeline:
 
     @torch.no_grad()
     def _sparse(self, stage: str, coords: torch.Tensor, b: int, cond, generator, steps, cfg, shift, progress,
-                chunk: int | None, hook=None, noise_hook=None):
+                chunk: int | None, hook=None, noise_hook=None, features: bool = False):
+        """SS-DiT sampling + SS-VAE decoding of one sparse stage: the decoded SparseTensor, or with ``features``
+        a pair ``(decoded, decoder features)`` (the 512 SDF refiner's input)."""
         from d3s2.sparse import SparseTensor
 
         dit_name, vae_name = f"ss_dit_{stage}", f"ss_vae_{stage}"
@@ -684,25 +711,50 @@ class ImageTo3DPipeline:
         with self._use(vae_name) as (vae,):
             with self._part("decode"):
                 vae_dtype = next(vae.parameters()).dtype
-                decoded = decode_sparse_chunked(vae, latent.replace(latent.feats.to(vae_dtype)), chunk)
-                _require_finite(decoded.feats, f"sparse {stage}")
+                decoded = decode_sparse_chunked(vae, latent.replace(latent.feats.to(vae_dtype)), chunk,
+                                                return_features=features)
+        feats = None
+        if features:
+            decoded, feats = decoded
+        _require_finite(decoded.feats, f"sparse {stage}")
         if hook is not None:
             with self._part("hook"):
                 decoded = hook(stage, decoded)
-        return decoded
+                if feats is not None and len(feats) != decoded.num_voxels:
+                    raise D3S2Error(f"the 'decoded' hook changed the {stage} stage's voxels; with the refiner on, "
+                                    "keep the voxels (values only) or set settings.refine = False")
+        return (decoded, feats) if features else decoded
 
-    def _meshes(self, decoded, b: int, resolution: int, level: float) -> list:
+    def _refined(self, stage: str, decoded, features, b: int, resolution: int, progress: bool) -> list:
+        """The stage's refiner run (:mod:`d3s2.pipelines.refining`): one refined field per sample."""
+        from d3s2.pipelines.refining import refine_decoded, refined_level, refiner_name
+
+        name = refiner_name(self.models, self.settings, stage)
+        bar = _Bar(27, f"refiner {stage}", progress)
+        try:
+            with self._use(name) as (net,):
+                with self._part("refiner"):
+                    return refine_decoded(net, stage, decoded, features, b, resolution,
+                                          refined_level(self.settings, stage), progress=lambda i, n: bar(i))
+        finally:
+            bar.close()
+
+    def _meshes(self, decoded, b: int, resolution: int, level: float, fields: list | None = None) -> list:
+        """One mesh per sample from the decoded SDF, or from the refined ``fields`` when the stage was refined."""
         import trimesh
 
         from d3s2.geometry.cleanup import vertex_normals
-        from d3s2.pipelines.surface import extract_surface
+        from d3s2.pipelines.surface import extract_refined_surface, extract_surface
 
         out = []
         for i in range(b):
             with self._part("marching_cubes"):
-                sel = decoded.coords[:, 0] == i
-                verts, faces = extract_surface(decoded.coords[sel, 1:], decoded.feats[sel, 0].float(), resolution,
-                                               level, self.settings)
+                if fields is not None:
+                    verts, faces = extract_refined_surface(fields[i], self.settings)
+                else:
+                    sel = decoded.coords[:, 0] == i
+                    verts, faces = extract_surface(decoded.coords[sel, 1:], decoded.feats[sel, 0].float(),
+                                                   resolution, level, self.settings)
             if len(faces) == 0:
                 raise D3S2Error(f"image {i}: the decoded SDF has no surface at level {level} at "
                                 f"{resolution}^3; try another seed")
@@ -755,7 +807,9 @@ class ImageTo3DPipeline:
         result: ``"structure"``: ``fn(coords [N, 4]) -> coords`` after the structure stage; ``"decoded"``:
         ``fn(stage "512" | "1024", decoded SparseTensor) -> SparseTensor`` after each SS-VAE decode (e.g. a real
         mesh's SDF on the decoded voxels, so that marching cubes, the 1024 band and clean-up see a real surface);
-        their time is reported as the part ``hook``; ``"noise"``: ``fn("dense", shape)`` / ``fn("512" | "1024",
+        their time is reported as the part ``hook``; ``"refined"``: ``fn(stage, fields) -> fields`` after a refiner
+        run (:class:`~d3s2.geometry.refine.RefinedField` per sample; random refiner weights give no shape);
+        ``"noise"``: ``fn("dense", shape)`` / ``fn("512" | "1024",
         coords [N, 4])`` -> the initial noise (the parity harness injects the same noise into the authors' pipeline).
         Per-stage seconds and peak GPU bytes (and ``parts``): :attr:`last_stats` and each mesh's
         ``metadata["d3s2_stats"]``."""
@@ -770,9 +824,9 @@ class ImageTo3DPipeline:
 
         check_overrides(num_inference_steps, guidance_scale, shift)  # before any stage runs
         hooks = dict(hooks or {})
-        unknown = set(hooks) - {"structure", "decoded", "noise"}
+        unknown = set(hooks) - {"structure", "decoded", "refined", "noise"}
         if unknown:
-            raise D3S2Error(f"unknown hook(s) {sorted(unknown)} (valid: structure, decoded, noise)")
+            raise D3S2Error(f"unknown hook(s) {sorted(unknown)} (valid: structure, decoded, refined, noise)")
         if generator is None:
             generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
 
@@ -798,11 +852,25 @@ class ImageTo3DPipeline:
                 raise D3S2Error(f"structure_coords must lie in [0, {r}) with batch index < {b}")
         r512 = self.resolution_512
 
+        from d3s2.pipelines.refining import refined_level, refiner_name
+
+        def run_stage(stage, c, r, level):
+            refine = refiner_name(self.models, self.settings, stage) is not None
+            out = self._sparse(stage, c, b, cond, generator, per(num_inference_steps, stage),
+                               per(guidance_scale, stage), per(shift, stage), progress, self.settings.decode_chunk,
+                               hooks.get("decoded"), hooks.get("noise"), features=refine and stage == "512")
+            if not refine:
+                return self._meshes(out, b, r, level)
+            dec, feats = out if stage == "512" else (out, None)
+            fields = self._refined(stage, dec, feats, b, r, progress)
+            del dec, feats, out
+            if hooks.get("refined") is not None:
+                with self._part("hook"):
+                    fields = hooks["refined"](stage, fields)
+            return self._meshes(None, b, r, refined_level(self.settings, stage), fields)
+
         def stage512():
-            dec = self._sparse("512", coords, b, cond, generator, per(num_inference_steps, "512"),
-                               per(guidance_scale, "512"), per(shift, "512"), progress,
-                               self.settings.decode_chunk, hooks.get("decoded"), hooks.get("noise"))
-            return self._meshes(dec, b, r512, self.settings.mc_level_512)
+            return run_stage("512", coords, r512, self.settings.mc_level_512)
 
         meshes = self._stage("sparse_512", stats, stage512)
         if resolution == 1024:
@@ -810,25 +878,27 @@ class ImageTo3DPipeline:
 
             def stage1024():
                 c = self._band_coords(meshes, r1024)
-                dec = self._sparse("1024", c, b, cond, generator, per(num_inference_steps, "1024"),
-                                   per(guidance_scale, "1024"), per(shift, "1024"), progress,
-                                   self.settings.decode_chunk, hooks.get("decoded"), hooks.get("noise"))
-                return self._meshes(dec, b, r1024, self.settings.mc_level_1024)
+                return run_stage("1024", c, r1024, self.settings.mc_level_1024)
 
             meshes = self._stage("sparse_1024", stats, stage1024)
 
         def cleanup():
             from d3s2.geometry.cleanup import clean_mesh
 
-            if self.settings.min_area_fraction <= 0 and faces is None:
+            st = self.settings
+            if st.min_area_fraction <= 0 and st.min_volume_fraction <= 0 and faces is None and not st.remove_enclosed:
                 # nothing to remove or decimate: the marching-cubes meshes (welded, vertex normals computed on the
                 # device) are final; clean_mesh would only rebuild them (seconds at 1024)
                 return meshes
             with self._part("clean_mesh"):
-                return [clean_mesh(m, min_area_fraction=self.settings.min_area_fraction, target_faces=faces)
-                        for m in meshes]
+                return [clean_mesh(m, min_area_fraction=st.min_area_fraction, min_volume_fraction=st.min_volume_fraction,
+                                   remove_enclosed=st.remove_enclosed, target_faces=faces) for m in meshes]
 
         meshes = self._stage("cleanup", stats, cleanup)
+        from d3s2.geometry.report import mesh_report
+
+        for m in meshes:  # closed / boundary edges / components / faces / volume of what is returned (issue 24)
+            m.metadata["d3s2_report"] = mesh_report(m).as_dict()
         stats.append({"stage": "total", "seconds": time.perf_counter() - t_all,
                       "peak_gpu_bytes": max((s["peak_gpu_bytes"] or 0 for s in stats), default=0)
                       if self.device.type == "cuda" else None})

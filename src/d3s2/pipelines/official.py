@@ -74,12 +74,14 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def release_settings(decode_chunk_1024: int | None = None):
-    """The release's recipe as :class:`~d3s2.pipelines.image_to_3d.PipelineSettings`: occupancy >= 0.1, marching
-    cubes at 0.2 (1024) / 0.4 (512, on the refiner's output) with the dense-grid semantics, the renormalised 1024 token
-    band, the release's image preprocessing."""
+    """The release's recipe as :class:`~d3s2.pipelines.image_to_3d.PipelineSettings`: occupancy >= 0.1, the
+    refiners on, marching cubes at 0.2 (1024) / 0.4 (512, on the refiner's output; 0.2 on the SS-VAE's output when
+    the 512 refiner is off or absent, as the release's ``decode_mesh``) with the dense-grid semantics, the
+    renormalised 1024 token band, the release's image preprocessing."""
     from d3s2.pipelines.image_to_3d import PipelineSettings
 
-    return PipelineSettings(occupancy_threshold=0.1, mc_level_512=0.4, mc_level_1024=0.2, band="release",
+    return PipelineSettings(occupancy_threshold=0.1, mc_level_512=0.2, mc_level_512_refined=0.4,
+                            mc_level_1024=0.2, refine=True, band="release",
                             surface="release", marching_cubes="lewiner", preprocess="release",
                             decode_chunk=decode_chunk_1024 if decode_chunk_1024 is not None else 64)
 
@@ -88,7 +90,8 @@ def release_settings(decode_chunk_1024: int | None = None):
 class ReleaseComponents:
     """What :func:`load_release` read: the folder, its version, the loaded models (``dense_vae``, ``dense_dit``,
     ``ss_vae_512``, ``ss_dit_512``, optionally ``ss_vae_1024``, ``ss_dit_1024``), their configs, the samplers and the
-    release's settings."""
+    release's settings; the refiners (:mod:`d3s2.models.refiner`) when their checkpoints are in the folder (else
+    None)."""
 
     folder: Path
     version: str
@@ -98,13 +101,18 @@ class ReleaseComponents:
     settings: Any
     dtype: torch.dtype = torch.float16
     files: dict[str, Path] = field(default_factory=dict)
+    refiner_512: torch.nn.Module | None = None
+    refiner_1024: torch.nn.Module | None = None
 
 
 def load_release(path_or_id: str | os.PathLike, *, version: str | None = None, resolution: int = 1024,
-                 revision: str | None = None, local_files_only: bool | None = None) -> ReleaseComponents:
+                 revision: str | None = None, local_files_only: bool | None = None,
+                 refiners: bool = True) -> ReleaseComponents:
     """Read a release folder or hub id (see the module docstring). ``version``: ``"v1.0"`` / ``"v1.1"`` to insist on
     one (an error if the folder holds the other). ``resolution``: 512 skips (and does not download) the 1024 stage's
-    files. The models stay where the checkpoint tensors are (CPU, in the stored dtype)."""
+    files. ``refiners``: also load ``model_refiner.ckpt`` / ``model_refiner_1024.ckpt`` (strictly) when the folder
+    holds them and config.yaml names them (the 1024 one only with the 1024 stage). The models stay where the
+    checkpoint tensors are (CPU, in the stored dtype)."""
     from d3s2.models import dense_dit, dense_vae, ss_dit, ss_vae
     from d3s2.models.loading import empty_weights, load_into_empty
     from d3s2.pipelines.image_to_3d import _model_class
@@ -144,28 +152,56 @@ def load_release(path_or_id: str | os.PathLike, *, version: str | None = None, r
             models[name] = model
             files[name] = path
         del ckpt
+    loaded = _load_refiners(folder, rel.refiners, files) if refiners else {}
     settings = release_settings(rel.decode_chunk_1024)
     return ReleaseComponents(folder=folder, version=rel.version, models=models, configs=rel.models,
-                             samplers=rel.samplers, settings=settings, files=files)
+                             samplers=rel.samplers, settings=settings, files=files, **loaded)
+
+
+def _load_refiners(folder: Path, configs: dict[str, tuple[str, Any]], files: dict[str, Path]) -> dict:
+    from d3s2.models.refiner import REFINERS, load_refiner_checkpoint
+
+    out = {}
+    for name, (_, cfg) in configs.items():
+        path = folder / REFINERS[name][1]
+        if not path.is_file():
+            continue
+        ckpt = read_checkpoint(path)
+        key = REFINERS[name][2]
+        if key not in ckpt:
+            raise D3S2Error(f"{path}: no '{key}' state dict (found keys: {', '.join(map(str, ckpt))})")
+        try:
+            out[name] = load_refiner_checkpoint(ckpt[key], name, cfg)
+        except D3S2Error as exc:
+            raise D3S2Error(f"{path} [{key}]: {exc}") from exc
+        files[name] = path
+        del ckpt
+    return out
 
 
 def load_official_pipeline(path_or_id: str | os.PathLike, device=None, dtype=None, low_vram=None, *,
                            version: str | None = None, resolution: int | None = None, image_encoder: Any = None,
                            encoder_weights: str | os.PathLike | None = None, revision: str | None = None,
-                           local_files_only: bool | None = None, **kwargs):
+                           local_files_only: bool | None = None, refiners: bool = True, **kwargs):
     """Build an :class:`~d3s2.pipelines.image_to_3d.ImageTo3DPipeline` from the authors' release (fp16 on CUDA as the
-    release, fp32 on the CPU, unless ``dtype`` says otherwise). ``image_encoder``: a ready encoder module (else the DINOv2 ViT-L/14-reg with
-    ``encoder_weights``)."""
+    release, fp32 on the CPU, unless ``dtype`` says otherwise). ``image_encoder``: a ready encoder module (else the
+    DINOv2 ViT-L/14-reg with ``encoder_weights``). ``refiners``: load the release's refiners as the components
+    ``refiner_512`` / ``refiner_1024`` (run when ``settings.refine``; :mod:`d3s2.pipelines.refining`)."""
     from d3s2.models.image_encoder import DINOv2Encoder
-    from d3s2.pipelines.image_to_3d import ImageTo3DPipeline, _Component
+    from d3s2.pipelines.image_to_3d import _KIND, ImageTo3DPipeline, _Component
 
     rel = load_release(path_or_id, version=version, resolution=resolution or 1024, revision=revision,
-                       local_files_only=local_files_only)
+                       local_files_only=local_files_only, refiners=refiners)
     models = dict(rel.models)
     if image_encoder is None:
         image_encoder = DINOv2Encoder(weights=encoder_weights, load_weights=True)
     models["image_encoder"] = image_encoder
     comps = {n: _Component(kind, cfg, rel.samplers.get(n)) for n, (kind, cfg) in rel.configs.items() if n in models}
+    for name in ("refiner_512", "refiner_1024"):
+        net = getattr(rel, name)
+        if net is not None:
+            models[name] = net
+            comps[name] = _Component(_KIND[name], net.config)
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dtype is None:  # the release's fp16 on CUDA; CPU kernels are slow (or missing) in fp16
         dtype = torch.float16 if dev.type == "cuda" else torch.float32

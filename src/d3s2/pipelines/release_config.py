@@ -45,6 +45,8 @@ class ReleaseConfig:
     samplers: dict[str, Any] = field(default_factory=dict)
     use_fp16: dict[str, bool] = field(default_factory=dict)
     decode_chunk_1024: int | None = None
+    # "refiner_512" / "refiner_1024" -> (registry name, config), for the refiners config.yaml names
+    refiners: dict[str, tuple[str, Any]] = field(default_factory=dict)
 
 
 def _params(config: dict, key: str, where: str) -> dict:
@@ -241,6 +243,30 @@ def _scheduler(config: dict, key: str, steps: int, where: str):
     return cfg
 
 
+def _refiner(p: dict, where: str, sign: bool):
+    """``Voxel_RefinerXL`` (512 SDF refiner) / ``Voxel_RefinerXL_sign`` (1024 sign refiner) params. Their UNet widths
+    (8/32/128/512), MLP and filters are fixed in the class; ``res`` is the grid the 512 refiner tiles (its blending is
+    written for 512); ``infer_patch_size`` of the sign refiner is never read by the release."""
+    from d3s2.models.refiner import SDFRefinerConfig, SignRefinerConfig, check_config
+
+    defaults = {"in_channels": 1, "out_channels": 1, "layers_per_block": 2, "layers_mid_block": 2,
+                "patch_size": 192, "res": 512}
+    if sign:
+        defaults["infer_patch_size"] = 192
+    r = _Reader(p, where, defaults)
+    r.require("in_channels", (1,), "one SDF channel in")
+    r.require("out_channels", (1,), "one SDF / sign channel out")
+    r.require("res", (512,), "the release tiles a 512^3 grid")
+    if sign:
+        r.get("infer_patch_size")
+    kw = dict(layers_per_block=int(r.get("layers_per_block")), layers_mid_block=int(r.get("layers_mid_block")),
+              patch_size=int(r.get("patch_size")))
+    cfg = SignRefinerConfig(**kw) if sign else SDFRefinerConfig(**kw)
+    check_config(cfg, where)
+    r.finish()
+    return ("sign_refiner" if sign else "sdf_refiner"), cfg
+
+
 _COMPONENTS = {  # release key -> (d3s2 component, registry name)
     "dense_vae": ("dense_vae", "dense_vae"), "dense_dit": ("dense_dit", "dense_dit"),
     "sparse_vae_512": ("ss_vae_512", "ss_vae"), "sparse_dit_512": ("ss_dit_512", "ss_dit"),
@@ -274,6 +300,12 @@ def read_release_config(config: dict, where: str = "config.yaml", with_1024: boo
         else:
             cfg = _dense_dit(p, loc)
         out.models[name] = (kind, cfg)
+    for key, name in (("refiner", "refiner_512"), ("refiner_1024", "refiner_1024")):
+        if key not in config or (name == "refiner_1024" and not with_1024):
+            continue  # the refiners are optional: a config without them loads without them
+        p = _params(config, key, where)
+        out.use_fp16[name] = bool(p.get("use_fp16", False))
+        out.refiners[name] = _refiner(p, f"{where}:{key}", sign=name == "refiner_1024")
     for key, name in (("dense_scheduler", "dense_dit"), ("sparse_scheduler_512", "ss_dit_512"),
                       ("sparse_scheduler_1024", "ss_dit_1024")):
         if name in out.models:

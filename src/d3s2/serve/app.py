@@ -27,9 +27,9 @@ import threading
 from pathlib import Path
 
 from d3s2.errors import D3S2Error
-from d3s2.serve.backend import (IMAGE_EXTENSIONS, GenerateOptions, Generator, SessionStore, format_stats_markdown,
-                                has_alpha_mask, list_examples, preview_image, read_upload, resolve_weights, run_logged,
-                                safe_stem)
+from d3s2.serve.backend import (IMAGE_EXTENSIONS, GenerateOptions, Generator, SessionStore, format_report_markdown,
+                                format_stats_markdown, has_alpha_mask, list_examples, preview_image, read_upload,
+                                resolve_weights, run_logged, safe_stem)
 from d3s2.serve.ownership import SessionBinding, publish_result, session_token
 
 __all__ = ["add_parser", "run_serve", "build_app", "launch_kwargs"]
@@ -155,7 +155,7 @@ def build_app(generator: Generator, store: SessionStore, examples: list[Path] | 
         if err is not None:
             return _status("error", f"Generation failed (seed {seed}): {err}"), None, hidden, seed
         text = (f"Done: {result.vertices:,} vertices, {result.faces:,} faces, seed {seed}. "
-                f"{format_stats_markdown(result.stats)}")
+                f"{format_report_markdown(result.report)} {format_stats_markdown(result.stats)}")
         if result.warnings:
             text += " Warnings: " + " ".join(result.warnings)
         download = gr.DownloadButton(label=f"Download {result.download_path.name}",

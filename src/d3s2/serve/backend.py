@@ -25,7 +25,7 @@ from d3s2.errors import D3S2Error
 
 __all__ = ["IMAGE_EXTENSIONS", "GenerateOptions", "GenerateResult", "SessionStore", "Generator", "bundled_weights",
            "resolve_weights", "list_examples", "read_upload", "preview_image", "has_alpha_mask", "public_message",
-           "safe_stem", "format_stats_markdown", "run_logged"]
+           "safe_stem", "format_stats_markdown", "format_report_markdown", "run_logged"]
 
 log = logging.getLogger("d3s2.serve")
 
@@ -224,6 +224,7 @@ class GenerateResult:
     faces: int
     stats: list  # pipeline.last_stats
     warnings: list[str]
+    report: dict | None = None  # d3s2.geometry.report.MeshReport.as_dict() of the mesh
 
 
 class Generator:
@@ -318,7 +319,17 @@ class Generator:
             text = public_message(str(w.message))
             if issubclass(w.category, UserWarning) and text not in msgs:
                 msgs.append(text)
-        return GenerateResult(viewer, download, len(mesh.vertices), len(mesh.faces), stats, msgs)
+        return GenerateResult(viewer, download, len(mesh.vertices), len(mesh.faces), stats, msgs,
+                              mesh.metadata.get("d3s2_report"))
+
+
+def format_report_markdown(report: dict | None) -> str:
+    """Closed or not, boundary edges, components and volume of the result (empty without a report)."""
+    if not report:
+        return ""
+    from d3s2.geometry.report import MeshReport
+
+    return f"Mesh: {MeshReport(**report).summary()}."
 
 
 def format_stats_markdown(stats: list[dict]) -> str:
