@@ -133,9 +133,17 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise D3S2Error(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:  # a binary file given as a config (issue 22, case 5)
+        raise D3S2Error(f"{path}: not a text file (byte {exc.start} is not UTF-8); give a YAML config") from exc
+    except OSError as exc:
+        raise D3S2Error(f"{path}: cannot read the config ({exc.strerror or exc})") from exc
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise D3S2Error(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from exc
+        raise D3S2Error(f"{path}: not valid YAML ({' '.join(str(exc).split())[:300]})") from exc
+    except RecursionError as exc:  # thousands of nested brackets
+        raise D3S2Error(f"{path}: not a usable YAML config (nested too deeply)") from exc
     if not isinstance(data, dict):
         raise D3S2Error(f"{path}: expected a mapping at the top level")
     return data

@@ -52,7 +52,8 @@ def read_jsonl(path: str | Path) -> list[dict]:
     """Records of a JSON-lines file; a truncated or garbled line (crash while appending) is skipped."""
     out = []
     try:
-        with open(path, encoding="utf-8") as fh:
+        # errors="replace": a garbled (non-UTF-8) line fails to parse below and is skipped like a truncated one
+        with open(path, encoding="utf-8", errors="replace") as fh:
             for line in fh:
                 line = line.strip()
                 if not line:

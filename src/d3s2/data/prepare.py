@@ -13,6 +13,11 @@ Runs are resumable (finished items are skipped; files of an unfinished item that
 written atomically, a bad mesh is logged with its reason and the run goes on. ``--shard I/N`` takes the items whose
 relative path hashes to I modulo N, so N independent jobs split any corpus without coordination (stable when files are
 added); ``d3s2 prepare-merge`` joins their results.
+
+Hardening (issue 22): the global settings are checked before the first mesh (:mod:`d3s2.data.prepare_checks`);
+temporary files a killed run left in an item's folder are removed when the item is taken up again; a failed item's
+folder is removed when it holds no file, and otherwise kept because its complete files (an SDF, the renders) are reused
+by the rerun; a run in which every selected item failed exits with status 1.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from pathlib import Path
 
 from d3s2.data import manifest as mf
 from d3s2.errors import D3S2Error
+from d3s2.fileio import remove_empty_dirs, remove_stale_temp_files
 
 MESH_EXTENSIONS = (".obj", ".glb", ".gltf", ".ply", ".stl", ".off")
 
@@ -169,6 +175,7 @@ def process_item(src: str | Path, rel: str, out_dir: str | Path, cfg: PrepareCon
     except Exception as exc:
         raise ItemError("load", _reason(exc)) from exc
     item_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(item_dir)  # a killed run's half-written files (this job owns the item now)
     record = {
         "item_id": item_id,
         "source": rel,
@@ -236,8 +243,8 @@ def _render_item(src, rel: str, item_dir: Path, transform, cfg: PrepareConfig, d
             old = json.loads(cam_path.read_text())
             if old.get("settings") == key and all((item_dir / v["file"]).is_file() for v in old["views"]):
                 return
-        except (json.JSONDecodeError, KeyError, TypeError):
-            pass
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+            pass  # a damaged cameras.json: render again
     mesh = load_render_mesh(src).transformed(transform.scale, transform.offset)
     sampling = CameraSampling(
         num_views=cfg.views,
@@ -272,6 +279,13 @@ def _worker_init() -> None:
 
 
 def _run_one(src: str, rel: str, out_dir: str, cfg: PrepareConfig) -> tuple[bool, dict]:
+    ok, rec = _try_one(src, rel, out_dir, cfg)
+    if not ok:
+        remove_empty_dirs(Path(out_dir) / item_id_for(rel))  # folders with complete files stay: the rerun reuses them
+    return ok, rec
+
+
+def _try_one(src: str, rel: str, out_dir: str, cfg: PrepareConfig) -> tuple[bool, dict]:
     try:
         return True, process_item(src, rel, out_dir, cfg)
     except ItemError as exc:
@@ -335,6 +349,11 @@ def run_prepare(
         raise D3S2Error(f"mesh folder {mesh_dir} does not exist or is not a folder")
     if not cfg.resolutions and cfg.views <= 0:
         raise D3S2Error("nothing to do: give --resolutions and/or --views > 0")
+    from d3s2.data.prepare_checks import check_prepare_config
+
+    check_prepare_config(cfg)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise D3S2Error(f"--workers must be an integer >= 1, got {workers!r}")
     if any(r < 2 or r > 32767 for r in cfg.resolutions):
         raise D3S2Error(f"--resolutions must be in [2, 32767], got {list(cfg.resolutions)}")
     files = discover_meshes(mesh_dir, pattern, exclude=out_dir)
@@ -457,6 +476,9 @@ def _cmd_prepare(args) -> int:
     if len(summary.failed_items) > 20:
         print(f"  ... {len(summary.failed_items) - 20} more in {summary.failures}", file=sys.stderr)
     print(summary.line())
+    if summary.failed and not summary.done and not summary.skipped:
+        print(f"prepare: every item failed (see {summary.failures})", file=sys.stderr)
+        return 1
     return 0
 
 

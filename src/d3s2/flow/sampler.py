@@ -48,6 +48,13 @@ class SamplerConfig:
     state_dtype: str = "float32"  # "float32" | "model" (the release: latent and timestep in the model dtype)
 
     def __post_init__(self) -> None:
+        from d3s2.flow.checks import check_cfg, check_shift, check_steps
+
+        check_steps(self.steps, "sampler steps")
+        check_cfg(self.cfg_scale, "sampler cfg_scale")
+        check_shift(self.shift, "sampler shift")
+        if not (isinstance(self.t_scale, (int, float)) and 0 < self.t_scale < float("inf")):
+            raise D3S2Error(f"sampler t_scale must be a positive number, got {self.t_scale!r}")
         if self.schedule not in SCHEDULES:
             raise D3S2Error(f"sampler schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.state_dtype not in ("float32", "model"):

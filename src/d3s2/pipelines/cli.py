@@ -3,7 +3,9 @@
 Each image is written to ``OUT_DIR/<image stem>.<format>`` atomically (with ``--preview`` also
 ``OUT_DIR/<image stem>.preview.png``: the input beside a render of the mesh). A bad image (missing, not an image,
 corrupt, empty mask, no shape found) prints one line on stderr and the others still run; the exit status is 1 when any
-image failed. A bad ``--weights`` folder stops everything (exit 2, from the CLI's D3S2Error handler). Without
+image failed. Before any model work the outputs are planned and checked (:mod:`d3s2.pipelines.outputs`: two inputs
+that would write the same file, an unwritable ``-o``) and the sampler settings validated
+(:mod:`d3s2.pipelines.validation`). A bad ``--weights`` folder stops everything (exit 2, from the CLI's D3S2Error handler). Without
 ``--weights`` the bundled demo model is used (:mod:`d3s2.pipelines.bundled`), with a note on stderr; ``--examples``
 adds the bundled example images to the inputs. A hub id as ``--weights`` is downloaded by :mod:`d3s2.pipelines.hub`
 (only the files ``--resolution`` needs); ``--matting`` picks the background removal (:mod:`d3s2.pipelines.matting`).
@@ -15,7 +17,6 @@ import argparse
 import os
 import sys
 import warnings
-from pathlib import Path
 
 from d3s2.errors import D3S2Error
 from d3s2.geometry.report import MeshReport
@@ -90,24 +91,29 @@ def run_generate(args: argparse.Namespace) -> int:
         images += [os.fspath(p) for p in found]
     if not images:
         raise D3S2Error("no input images: give IMAGE paths or --examples")
-    if args.faces is not None and args.faces < 4:
-        raise D3S2Error(f"--faces {args.faces} is too small; ask for at least 4 faces")
+    from d3s2.pipelines.validation import check_generate_args
+
+    check_generate_args(args)
+    from d3s2.pipelines.outputs import plan_outputs
+
+    plans = plan_outputs(images, args.output, args.format, args.preview)  # before any model work
     weights, bundled = resolve_weights(args.weights)
     if bundled:
         print(f"d3s2 generate: no --weights given, {BUNDLED_NOTE}", file=sys.stderr)
     pipe = ImageTo3DPipeline.from_pretrained(weights, device=args.device, low_vram=args.low_vram or None,
                                              revision=args.revision, resolution=args.resolution,
                                              matting=args.matting)
+    if args.resolution == 1024 and pipe.resolution_1024 is None:  # once, not as the same error for every image
+        raise D3S2Error("--resolution 1024: these weights have no 1024 stage (ss_vae_1024 / ss_dit_1024); "
+                        "use --resolution 512")
     if args.no_refine:
         import dataclasses
 
         pipe.settings = dataclasses.replace(pipe.settings, refine=False)
-    out_dir = Path(args.output)
     steps = {"dense": args.steps_dense, "512": args.steps_512, "1024": args.steps_1024}
     failed = 0
-    for image in images:
-        target = out_dir / f"{Path(image).stem}.{args.format}"
-        preview = out_dir / f"{Path(image).stem}.preview.png"
+    for plan in plans:
+        image, target, preview = plan.image, plan.mesh, plan.preview
         caught: list = []
         try:
             with warnings.catch_warnings(record=True) as caught:
@@ -124,6 +130,12 @@ def run_generate(args: argparse.Namespace) -> int:
             failed += 1
             _print_warnings(caught)
             print(f"d3s2 generate: error: {image}: {exc}", file=sys.stderr)
+            continue
+        except Exception as exc:  # noqa: BLE001 - an unexpected failure of one image must not stop the batch
+            failed += 1
+            _print_warnings(caught)
+            msg = " ".join(str(exc).split())[:300]
+            print(f"d3s2 generate: error: {image}: unexpected {type(exc).__name__}: {msg}", file=sys.stderr)
             continue
         _print_warnings(caught)
         m = meshes[0]

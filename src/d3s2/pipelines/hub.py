@@ -224,7 +224,7 @@ def _d3s2_weight_files(yaml_path: Path, resolution: int | None, where: str) -> l
 
     try:
         data = yaml.safe_load(yaml_path.read_text()) or {}
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
         raise D3S2Error(f"{where}: pipeline.yaml is not valid YAML") from exc
     comps = data.get("components") if isinstance(data, dict) else None
     if not isinstance(comps, dict):

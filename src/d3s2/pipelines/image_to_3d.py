@@ -204,6 +204,7 @@ def latent_shell_coords(coords: np.ndarray | torch.Tensor, factor: int = 8, batc
 
 from d3s2.pipelines.token_band import band_queries as _band_queries  # noqa: E402
 from d3s2.pipelines.token_band import latent_band_coords  # noqa: E402
+from d3s2.pipelines.validation import require_finite as _require_finite  # noqa: E402
 
 _LOW_VRAM_WORKSPACE = 10 << 30  # activations of the 1024 stage besides the weights (see bench/pipeline.py)
 
@@ -673,6 +674,7 @@ class ImageTo3DPipeline:
         with self._use("dense_vae") as (vae,):
             with self._part("decode"):
                 logits = vae.decode(latent)
+                _require_finite(logits, "structure")
                 coords = occupancy_to_coords(logits, self.settings.occupancy_threshold)
         if hook is not None:
             with self._part("hook"):
@@ -717,6 +719,7 @@ class ImageTo3DPipeline:
         feats = None
         if features:
             decoded, feats = decoded
+        _require_finite(decoded.feats, f"sparse {stage}")
         if hook is not None:
             with self._part("hook"):
                 decoded = hook(stage, decoded)
@@ -820,6 +823,9 @@ class ImageTo3DPipeline:
             raise D3S2Error(f"resolution must be 512 or 1024, got {resolution}")
         if resolution == 1024 and "ss_dit_1024" not in self.models:
             raise D3S2Error("this pipeline has no 1024 stage (ss_vae_1024 / ss_dit_1024); use resolution=512")
+        from d3s2.pipelines.validation import check_overrides
+
+        check_overrides(num_inference_steps, guidance_scale, shift)  # before any stage runs
         hooks = dict(hooks or {})
         unknown = set(hooks) - {"structure", "decoded", "refined", "noise"}
         if unknown:

@@ -8,7 +8,10 @@ only works on plain backgrounds. Then: crop to the mask's bounding box, composit
 [0, 1], RGB + mask.
 
 Grayscale / palette / 16-bit / CMYK images are converted to RGB(A); images larger than ``max_input_size`` on a side are
-downscaled first (memory and time of the segmentation). An empty mask raises :class:`~d3s2.errors.D3S2Error`.
+downscaled first (memory and time of the segmentation). An empty mask raises :class:`~d3s2.errors.D3S2Error`; an
+object that covers almost nothing (under ``MIN_OBJECT_PIXELS`` pixels of mask, e.g. a 1x1 image, or a mask that is
+nearly transparent everywhere) gives a warning, because the framing blows it up to the whole frame and the models then
+invent a full-size shape from a few pixels (issue 22, case 10).
 
 Two framings (``mode``): ``"d3s2"`` (:func:`frame_object`: float math, antialiased bilinear resizes of RGB and mask
 alike) and ``"release"`` (:func:`release_frame`: the authors' ``preprocess_image`` step by step: the RGBA array is
@@ -36,6 +39,8 @@ PREPROCESS_MODES = ("d3s2", "release")
 
 RELEASE_SIZE = 518
 RELEASE_PAD = 16
+MIN_OBJECT_PIXELS = 64  # foreground mass (sum of the mask) in source pixels: an 8x8 object
+MIN_OBJECT_ALPHA = 0.1  # mean mask value over the pixels the mask touches
 BORDER_THRESHOLD = 0.12  # Euclidean RGB distance in [0, 1] units from the border colour that counts as foreground
 
 
@@ -52,6 +57,11 @@ def load_image(image: Any, max_input_size: int = 2048):
             with Image.open(path) as im:
                 im.load()
                 img = im.copy()
+        except Image.DecompressionBombError as exc:  # not an OSError: it would stop a whole batch
+            limit = (Image.MAX_IMAGE_PIXELS or 0) * 2 / 1e6
+            raise D3S2Error(f"{path}: too large to decode safely ({' '.join(str(exc).split())[:120]}); downscale it "
+                            f"below {limit:.0f} megapixels (about {max_input_size} px on the longer side is "
+                            "plenty)") from exc
         except UnidentifiedImageError as exc:
             raise D3S2Error(f"{path}: not an image file PIL can read (use PNG, JPEG, WebP, ...)") from exc
         except (OSError, ValueError, SyntaxError) as exc:
@@ -147,6 +157,7 @@ def preprocess_image(
     if not (mask > 0).any():
         raise D3S2Error(f"{name}: the foreground mask is empty (alpha is 0 everywhere or no object found); "
                         "give an image with the object visible and a transparent or plain background")
+    _warn_if_tiny(mask, name)
     if mode == "release":
         alpha = np.asarray(img.getchannel("A"), dtype=np.uint8) if img.mode == "RGBA" and arr[..., 3].min() < 1.0 \
             else (np.clip(mask, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
@@ -154,6 +165,20 @@ def preprocess_image(
         return release_frame(rgba, size, RELEASE_PAD if pad is None else pad)
     x = torch.from_numpy(np.concatenate([rgb, mask[..., None]], axis=-1)).permute(2, 0, 1).contiguous()
     return frame_object(x, size, pad)
+
+
+def _warn_if_tiny(mask: np.ndarray, name: str) -> None:
+    touched = mask > 0
+    mass = float(mask.sum())
+    mean = mass / max(int(touched.sum()), 1)
+    if mass < MIN_OBJECT_PIXELS:
+        rows, cols = np.nonzero(touched)
+        box = f"{cols.max() - cols.min() + 1}x{rows.max() - rows.min() + 1}"
+        warnings.warn(f"{name}: the object covers almost nothing ({mass:.1f} pixels of mask in a {box} box); the "
+                      "mesh is a guess from a few pixels: give a larger image of the object", stacklevel=3)
+    elif mean < MIN_OBJECT_ALPHA:
+        warnings.warn(f"{name}: the object is almost transparent (mean alpha {mean:.3f} where the mask is not 0); "
+                      "the mesh is a guess: give an image with an opaque object", stacklevel=3)
 
 
 def release_frame(rgba: np.ndarray, size: int = RELEASE_SIZE, pad: int = RELEASE_PAD) -> torch.Tensor:

@@ -317,7 +317,7 @@ def load_release_yaml(path: Path) -> dict:
     """Parse a release ``config.yaml`` with one-line errors."""
     try:
         data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
         raise D3S2Error(f"{path}: not a readable YAML file ({type(exc).__name__})") from exc
     if not isinstance(data, dict):
         raise D3S2Error(f"{path}: expected the release's config mapping (dense_vae, dense_dit, sparse_vae_512, ...)")

@@ -9,13 +9,15 @@ Safe defaults: binds 127.0.0.1 (``--host 0.0.0.0`` to open it to the network), a
 message in the page), errors shown as one line (tracebacks go to the server log), no server paths in messages, no
 analytics, no share tunnel, no web fonts. Several users: requests queue (one generation at a time on the shared
 models, ``--queue-size`` waiting), each browser session writes into its own folder under ``--output-dir``, a session's
-folder is removed when its page closes and any folder idle for ``--max-age`` seconds is removed.
+folder is removed when its page closes and any folder idle for ``--max-age`` seconds is removed. A result's files can
+only be fetched by the browser that generated it (a session cookie, :mod:`d3s2.serve.ownership`).
 
 Gradio is imported only when the command runs (``pip install 'd3s2[serve]'``).
 """
 
 # No `from __future__ import annotations`: Gradio finds `request: gr.Request` by its real annotation.
 import argparse
+import dataclasses
 import logging
 import os
 import shutil
@@ -28,6 +30,7 @@ from d3s2.errors import D3S2Error
 from d3s2.serve.backend import (IMAGE_EXTENSIONS, GenerateOptions, Generator, SessionStore, format_report_markdown,
                                 format_stats_markdown, has_alpha_mask, list_examples, preview_image, read_upload,
                                 resolve_weights, run_logged, safe_stem)
+from d3s2.serve.ownership import SessionBinding, publish_result, session_token
 
 __all__ = ["add_parser", "run_serve", "build_app", "launch_kwargs"]
 
@@ -73,6 +76,12 @@ def _status(kind: str, text: str) -> str:
     import html
 
     return f'<span class="d3s2-{kind}">{html.escape(text)}</span>'
+
+
+def _session_token(request) -> str | None:
+    raw = getattr(request, "request", None)  # gr.Request wraps the request that queued the event
+    cookies = getattr(raw, "cookies", None) if raw is not None else None
+    return session_token(cookies if isinstance(cookies, dict) else None)
 
 
 def build_app(generator: Generator, store: SessionStore, examples: list[Path] | None = None,
@@ -137,7 +146,10 @@ def build_app(generator: Generator, store: SessionStore, examples: list[Path] | 
             except (TypeError, ValueError) as exc:
                 raise D3S2Error(f"a setting is not a number ({exc})") from exc
             run_dir = store.new_run(getattr(request, "session_hash", None))
-            return generator.generate(img, opts, run_dir, stem=safe_stem(name))
+            res = generator.generate(img, opts, run_dir, stem=safe_stem(name))
+            files = publish_result([res.viewer_path, res.download_path], _session_token(request), store.owners,
+                                   demo.GRADIO_CACHE)
+            return dataclasses.replace(res, viewer_path=Path(files[0]), download_path=Path(files[1]))
 
         result, err = run_logged(work, "generation", name)
         if err is not None:
@@ -205,8 +217,13 @@ def launch_kwargs(args: argparse.Namespace, store: SessionStore, examples: list[
 
     system = ["ui-sans-serif", "system-ui", "sans-serif"]  # plain names: nothing is fetched from a font service
     theme = gr.themes.Default(font=system, font_mono=["ui-monospace", "monospace"])
-    allowed = [os.fspath(store.root)] + sorted({os.fspath(p.parent) for p in examples})
+    from starlette.middleware import Middleware
+
+    # results are served from Gradio's cache (publish_result), bound to their session: the session folders
+    # themselves need not be reachable
+    allowed = sorted({os.fspath(p.parent) for p in examples})
     return dict(server_name=args.host, server_port=args.port, share=False, inbrowser=False, show_error=False,
+                app_kwargs={"middleware": [Middleware(SessionBinding, owners=store.owners)]},
                 max_file_size=int(args.max_file_size * 2**20), allowed_paths=allowed, ssr_mode=False, mcp_server=False,
                 footer_links=["gradio", "settings"], theme=theme, css=_CSS, quiet=True)
 

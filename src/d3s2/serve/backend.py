@@ -151,8 +151,11 @@ class SessionStore:
     """One output folder per browser session under ``root``; folders untouched for ``max_age_s`` are removed."""
 
     def __init__(self, root: str | os.PathLike, max_age_s: float = 3600.0):
+        from d3s2.serve.ownership import ResultOwners
+
         self.root = Path(root)
         self.max_age_s = float(max_age_s)
+        self.owners = ResultOwners()  # published result files -> browser sessions allowed to fetch them
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
 

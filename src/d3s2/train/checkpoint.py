@@ -11,6 +11,11 @@ Layout of ``checkpoint.dir``::
 A checkpoint is written into ``.tmp_step_*`` and renamed into place with ``os.replace`` (atomic on POSIX), so a run
 killed at any moment (SIGKILL included) leaves only complete ``step_*`` folders; leftover ``.tmp_*`` folders are
 removed at the next start. The ``keep`` newest folders are kept.
+
+A folder can still be damaged after the fact (a disk filling up, a copy cut short, a file truncated by hand): resume
+verifies a checkpoint before trusting it (:func:`checkpoint_problem`: every safetensors header covers its file, every
+torch zip archive passes its CRC check) and falls back to the newest intact one, naming what it skipped
+(:func:`latest_intact_checkpoint`; issue 22, case 6).
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ __all__ = [
     "step_dir_name",
     "list_checkpoints",
     "latest_checkpoint",
+    "checkpoint_problem",
+    "latest_intact_checkpoint",
     "clean_partial",
     "write_checkpoint_dir",
     "prune_checkpoints",
@@ -94,6 +101,53 @@ def list_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
     ckpts = list_checkpoints(ckpt_dir)
     return ckpts[-1][1] if ckpts else None
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why the ``step_*`` folder ``path`` cannot be resumed from, or None when it looks intact (see module docstring).
+
+    Reads the safetensors headers and checks the torch archives' CRCs; nothing is unpickled."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    p = Path(path)
+    for name in ("state.pt", "model.safetensors"):
+        if not (p / name).is_file():
+            return f"{name} is missing"
+    for f in sorted(p.iterdir()):
+        if f.suffix == ".safetensors":
+            try:
+                with safe_open(str(f), "pt") as fh:
+                    fh.keys()
+            except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+                return f"{f.name} is damaged ({' '.join(str(exc).split())[:160]})"
+        elif f.suffix == ".pt":
+            try:
+                with zipfile.ZipFile(f) as z:
+                    bad = z.testzip()
+            except (zipfile.BadZipFile, OSError, EOFError) as exc:
+                return f"{f.name} is damaged ({' '.join(str(exc).split())[:160]})"
+            if bad is not None:
+                return f"{f.name} is damaged (entry {bad} fails its CRC check)"
+    return None
+
+
+def latest_intact_checkpoint(ckpt_dir: str | Path, report=None) -> Path | None:
+    """The newest ``step_*`` folder that passes :func:`checkpoint_problem`; ``report(message)`` is called for every
+    newer folder skipped (incomplete or damaged) so that the fallback is never silent."""
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        return None
+    steps = sorted(((int(m.group(1)), p) for p in d.iterdir() if p.is_dir() and (m := _STEP_RE.match(p.name))),
+                   reverse=True)
+    for _, p in steps:
+        problem = checkpoint_problem(p)
+        if problem is None:
+            return p
+        if report is not None:
+            report(f"checkpoint {p} not used: {problem}; trying an older one")
+    return None
 
 
 def clean_partial(ckpt_dir: str | Path) -> None:
@@ -176,11 +230,13 @@ def load_weights(path: str | Path, prefix: str = "", prefer_ema: bool = True) ->
     """
     from safetensors.torch import load_file
 
+    import warnings
+
     p = Path(path)
     if p.is_dir() and not (p / "model.safetensors").is_file():
-        latest = latest_checkpoint(p)
+        latest = latest_intact_checkpoint(p, report=lambda msg: warnings.warn(msg, stacklevel=3))
         if latest is None:
-            raise D3S2Error(f"{p}: no checkpoint (step_*/model.safetensors) found; train that model first")
+            raise D3S2Error(f"{p}: no intact checkpoint (step_*/model.safetensors) found; train that model first")
         p = latest
     frozen: dict[str, torch.Tensor] = {}
     if p.is_dir():
@@ -192,7 +248,11 @@ def load_weights(path: str | Path, prefix: str = "", prefer_ema: bool = True) ->
             p = p / "model.safetensors"
     if not p.is_file():
         raise D3S2Error(f"{p}: no such weights file")
-    sd = {**frozen, **load_file(str(p))}
+    try:
+        sd = {**frozen, **load_file(str(p))}
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types on damaged files
+        raise D3S2Error(f"{p}: not a readable safetensors file ({' '.join(str(exc).split())[:200]}); "
+                        "give an intact checkpoint") from exc
     if prefix:
         sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
         if not sd:

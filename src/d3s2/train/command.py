@@ -23,7 +23,17 @@ def _cmd_train(args) -> int:
 
     cfg, data = load_train_config(args.config, args.set)
     if args.check:
-        from d3s2.train.tasks import build_task  # noqa: F401 - registry import check
+        from d3s2.errors import D3S2Error
+        from d3s2.train.tasks import TASK_REGISTRY, model_config_from
+
+        # what the trainer would only find after building the process group: the task and the model config
+        if cfg.task not in TASK_REGISTRY:
+            raise D3S2Error(f"unknown task '{cfg.task}' (known: {', '.join(sorted(TASK_REGISTRY))})")
+        model_config_from(cfg.model)
+        from d3s2.fileio import check_writable_dir
+
+        check_writable_dir(cfg.checkpoint.dir, "checkpoint.dir")
+        check_writable_dir(cfg.log.dir, "log.dir")
 
         print(json.dumps({"task": cfg.task, "steps": cfg.total_steps, "phases": len(cfg.phases)}))
         return 0

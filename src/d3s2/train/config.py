@@ -23,6 +23,7 @@ A training file looks like::
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,17 @@ __all__ = [
 ]
 
 
+def _check(ok: bool, key: str, want: str, value: Any) -> None:
+    """Every numeric setting is range-checked when the config is parsed, so ``d3s2 train --check`` catches what would
+    otherwise crash (or silently diverge) after the models are built (issue 22, case 7)."""
+    if not ok:
+        raise D3S2Error(f"{key} must be {want}, got {value!r}")
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 @dataclass
 class DataConfig:
     root: str = ""
@@ -55,6 +67,20 @@ class DataConfig:
     val_root: str | None = None  # validation items (default: root)
     max_voxels: int | None = None  # SS-VAE: random spatial crops of larger volumes (1024^3 bands on 80 GB cards)
 
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "data.batch_size", "an integer >= 1", self.batch_size)
+        _check(self.workers >= 0, "data.workers", "an integer >= 0", self.workers)
+        _check(len(self.resolutions) > 0 and all(r >= 1 for r in self.resolutions), "data.resolutions",
+               "a non-empty list of positive resolutions", self.resolutions)
+        w = self.resolution_weights
+        if w is not None:
+            _check(len(w) == len(self.resolutions), "data.resolution_weights",
+                   f"one weight per resolution ({len(self.resolutions)})", w)
+            _check(all(_finite(x) and x >= 0 for x in w) and sum(w) > 0, "data.resolution_weights",
+                   "finite weights >= 0 with a positive sum", w)
+        _check(self.max_voxels is None or self.max_voxels >= 1, "data.max_voxels", "null or an integer >= 1",
+               self.max_voxels)
+
 
 @dataclass
 class OptimConfig:
@@ -63,6 +89,16 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping (the norm is still logged)
+
+    def __post_init__(self) -> None:
+        _check(_finite(self.lr) and self.lr > 0, "optim.lr", "a finite number > 0", self.lr)
+        _check(_finite(self.weight_decay) and self.weight_decay >= 0, "optim.weight_decay", "a finite number >= 0",
+               self.weight_decay)
+        _check(all(_finite(b) and 0 <= b < 1 for b in self.betas), "optim.betas", "two numbers in [0, 1)",
+               list(self.betas))
+        _check(_finite(self.eps) and self.eps > 0, "optim.eps", "a finite number > 0", self.eps)
+        _check(_finite(self.grad_clip) and self.grad_clip >= 0, "optim.grad_clip", "a finite number >= 0 (0: off)",
+               self.grad_clip)
 
 
 @dataclass
@@ -74,6 +110,9 @@ class ScheduleConfig:
     def __post_init__(self) -> None:
         if self.decay not in ("constant", "cosine"):
             raise D3S2Error(f"schedule.decay must be 'constant' or 'cosine', got {self.decay!r}")
+        _check(self.warmup_steps >= 0, "schedule.warmup_steps", "an integer >= 0", self.warmup_steps)
+        _check(_finite(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, "schedule.min_lr_ratio",
+               "a number in [0, 1]", self.min_lr_ratio)
 
 
 @dataclass
@@ -85,12 +124,24 @@ class PhaseConfig:
     lr: float | None = None  # None: optim.lr
     batch_size: int | None = None  # per process; None: data.batch_size
 
+    def __post_init__(self) -> None:
+        _check(self.resolution is None or self.resolution >= 1, "phases[].resolution", "null or an integer >= 1",
+               self.resolution)
+        _check(self.lr is None or (_finite(self.lr) and self.lr > 0), "phases[].lr", "null or a finite number > 0",
+               self.lr)
+        _check(self.batch_size is None or self.batch_size >= 1, "phases[].batch_size", "null or an integer >= 1",
+               self.batch_size)
+
 
 @dataclass
 class EMAConfig:
     decay: float = 0.0  # 0 disables EMA
     every: int = 1
     warmup: bool = True  # decay min(decay, (1 + step) / (10 + step)): short runs' EMA forgets the random init
+
+    def __post_init__(self) -> None:
+        _check(_finite(self.decay) and 0 <= self.decay < 1, "ema.decay", "a number in [0, 1) (0: no EMA)", self.decay)
+        _check(self.every >= 1, "ema.every", "an integer >= 1", self.every)
 
 
 @dataclass
@@ -99,6 +150,11 @@ class CheckpointConfig:
     every: int = 1000
     keep: int = 3
     at_exit: bool = True
+
+    def __post_init__(self) -> None:
+        _check(bool(self.dir), "checkpoint.dir", "a folder path", self.dir)
+        _check(self.every >= 0, "checkpoint.every", "an integer >= 0 (0: only at exit)", self.every)
+        _check(self.keep >= 0, "checkpoint.keep", "an integer >= 0 (0: keep all)", self.keep)
 
 
 @dataclass
@@ -109,12 +165,19 @@ class LogConfig:
     progress: bool = True
     all_ranks: bool = False  # every rank writes metrics_rank<r>.jsonl (tests / debugging)
 
+    def __post_init__(self) -> None:
+        _check(self.every >= 1, "log.every", "an integer >= 1", self.every)
+
 
 @dataclass
 class ValidateConfig:
     every: int = 0  # steps; 0 disables
     items: int = 2
     at_end: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 0, "validate.every", "an integer >= 0 (0: off)", self.every)
+        _check(self.items >= 1, "validate.items", "an integer >= 1", self.items)
 
 
 @dataclass
@@ -155,6 +218,10 @@ class TrainConfig:
             raise D3S2Error(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.resume not in ("never", "auto"):
             raise D3S2Error(f"resume must be 'never' or 'auto', got {self.resume!r}")
+        _check(self.device in ("auto", "cpu", "cuda"), "device", "auto, cpu or cuda", self.device)
+        _check(self.cpu_threads is None or self.cpu_threads >= 1, "cpu_threads", "null or an integer >= 1",
+               self.cpu_threads)
+        _check(self.max_steps is None or self.max_steps >= 1, "max_steps", "null or an integer >= 1", self.max_steps)
         if not self.phases:
             if not self.max_steps:
                 raise D3S2Error("give max_steps or a list of phases (each with steps)")

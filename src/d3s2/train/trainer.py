@@ -14,6 +14,7 @@ import json
 import math
 import random
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -303,7 +304,12 @@ class Trainer:
         if info.is_main:
             ck.clean_partial(ckpt_dir)
         if self.resume:
-            latest = ck.latest_checkpoint(ckpt_dir)
+            def skipped(msg: str) -> None:
+                if info.is_main:
+                    print(f"d3s2 train: warning: {msg}", file=sys.stderr)
+                    self.logger.log_event(step, event="resume skipped", reason=msg)
+
+            latest = ck.latest_intact_checkpoint(ckpt_dir, report=skipped)
             if latest is not None:
                 step = self._load(latest)
                 if info.is_main:
