@@ -29,6 +29,7 @@ __all__ = [
     "resolve_backend",
     "warp_cuda_available",
     "winding_fallback",
+    "winding_values",
 ]
 
 _CHUNK = 1 << 22  # points per call: bounds the memory of the per-point outputs (closest points etc.)
@@ -134,6 +135,14 @@ class CpuQueries:
             self._tables = build_tables(self.V, self.F, "cpu")
         return self._tables
 
+    def part_tables(self):
+        """Parts, part boxes and buried faces (``d3s2.data.part_signs``), built once."""
+        if getattr(self, "_part_tables", None) is None:
+            from d3s2.data.part_signs import build_part_tables
+
+            self._part_tables = build_part_tables(self.V, self.F, self.winding_number, "cpu")
+        return self._part_tables
+
     def winding_number(self, points: np.ndarray) -> np.ndarray:
         points = np.ascontiguousarray(points, dtype=np.float64).reshape(-1, 3)
         out = np.empty(len(points), dtype=np.float64)
@@ -191,6 +200,7 @@ class WarpQueries:
         self.V = np.ascontiguousarray(vertices, dtype=np.float64)
         self.F = np.ascontiguousarray(faces, dtype=np.int64).reshape(-1, 3)
         self._tables = None
+        self._part_tables = None
         self._mesh_tensors = None
         self._winding_mesh = None
         self.mesh = self._build_mesh(support_winding=False)
@@ -256,6 +266,15 @@ class WarpQueries:
 
             self._tables = build_tables(self.V, self.F, self.torch_device)
         return self._tables
+
+    def part_tables(self):
+        """Parts, part boxes and buried faces (``d3s2.data.part_signs``) on the query device, built once (the
+        buried-face winding numbers through :func:`winding_values`)."""
+        if self._part_tables is None:
+            from d3s2.data.part_signs import build_part_tables
+
+            self._part_tables = build_part_tables(self.V, self.F, winding_values(self), self.torch_device)
+        return self._part_tables
 
     def mesh_tensors(self):
         """Float64 vertices [V, 3] and int64 faces [F, 3] on the query device: all that distances need (the
@@ -351,6 +370,22 @@ def winding_fallback(queries):
     if cpu is None:
         cpu = queries._cpu_fallback = CpuQueries(queries.V, queries.F)
     return cpu.inside
+
+
+def winding_values(queries):
+    """``points -> float64 [N]`` generalised winding numbers: libigl's on the host for both back ends (as
+    :func:`winding_fallback`); without libigl the back end's inside test as 1.0 / 0.0 (enough for thresholds at 1/4
+    and 3/4)."""
+    if isinstance(queries, CpuQueries):
+        return queries.winding_number
+    try:
+        import igl  # noqa: F401
+    except ImportError:
+        return lambda p: queries.inside(p).astype(np.float64)
+    cpu = getattr(queries, "_cpu_fallback", None)
+    if cpu is None:
+        cpu = queries._cpu_fallback = CpuQueries(queries.V, queries.F)
+    return cpu.winding_number
 
 
 def make_queries(vertices, faces, backend: str = "auto", device: str | None = None):
