@@ -29,7 +29,7 @@ __all__ = [
     "resolve_backend",
     "warp_cuda_available",
     "winding_fallback",
-    "winding_values",
+    "winding_factory",
 ]
 
 _CHUNK = 1 << 22  # points per call: bounds the memory of the per-point outputs (closest points etc.)
@@ -140,7 +140,7 @@ class CpuQueries:
         if getattr(self, "_part_tables", None) is None:
             from d3s2.data.part_signs import build_part_tables
 
-            self._part_tables = build_part_tables(self.V, self.F, self.winding_number, "cpu")
+            self._part_tables = build_part_tables(self.V, self.F, winding_factory(self), "cpu")
         return self._part_tables
 
     def winding_number(self, points: np.ndarray) -> np.ndarray:
@@ -269,11 +269,11 @@ class WarpQueries:
 
     def part_tables(self):
         """Parts, part boxes and buried faces (``d3s2.data.part_signs``) on the query device, built once (the
-        buried-face winding numbers through :func:`winding_values`)."""
+        buried-face winding numbers through :func:`winding_factory`)."""
         if self._part_tables is None:
             from d3s2.data.part_signs import build_part_tables
 
-            self._part_tables = build_part_tables(self.V, self.F, winding_values(self), self.torch_device)
+            self._part_tables = build_part_tables(self.V, self.F, winding_factory(self), self.torch_device)
         return self._part_tables
 
     def mesh_tensors(self):
@@ -372,20 +372,29 @@ def winding_fallback(queries):
     return cpu.inside
 
 
-def winding_values(queries):
-    """``points -> float64 [N]`` generalised winding numbers: libigl's on the host for both back ends (as
-    :func:`winding_fallback`); without libigl the back end's inside test as 1.0 / 0.0 (enough for thresholds at 1/4
-    and 3/4)."""
-    if isinstance(queries, CpuQueries):
-        return queries.winding_number
+def winding_factory(queries):
+    """``(V, F) -> ((points, exact=False) -> float64 [N] winding numbers of the mesh (V, F))``, for the per-part
+    buried-face test of ``d3s2.data.part_signs``: libigl's fast (``exact``: plain) winding number on the host for both
+    back ends (as :func:`winding_fallback`); without libigl the back end's inside test of the whole mesh as 1.0 / 0.0 (flags more
+    faces: more winding-number voxels, signs still right)."""
     try:
-        import igl  # noqa: F401
+        import igl
     except ImportError:
-        return lambda p: queries.inside(p).astype(np.float64)
-    cpu = getattr(queries, "_cpu_fallback", None)
-    if cpu is None:
-        cpu = queries._cpu_fallback = CpuQueries(queries.V, queries.F)
-    return cpu.winding_number
+        return lambda V, F: (lambda p, exact=False: queries.inside(p).astype(np.float64))
+
+    def of(V, F):
+        V = np.ascontiguousarray(V, dtype=np.float64)
+        F = np.ascontiguousarray(F, dtype=np.int64)
+
+        def winding(p, exact=False):
+            p = np.ascontiguousarray(p, dtype=np.float64).reshape(-1, 3)
+            if len(p) == 0:
+                return np.zeros(0)
+            return np.asarray((igl.winding_number if exact else igl.fast_winding_number)(V, F, p), dtype=np.float64)
+
+        return winding
+
+    return of
 
 
 def make_queries(vertices, faces, backend: str = "auto", device: str | None = None):
