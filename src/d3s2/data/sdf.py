@@ -17,14 +17,21 @@ Sign (selectable, Sec. 5.1 "convert non-watertight meshes into watertight ones")
   pseudo-normal there (``d3s2.data.pseudo_normal``): exact for closed manifold meshes and nearly free (the closest
   face comes with the distance query); every band voxel gets its own sign. Where it does not apply (closest face in
   the 1-ring of a boundary / non-manifold edge, distance ~0, ``|dot|`` ~ 0) the voxel asks the generalised winding
-  number (libigl's, on the host, for both back ends). Not robust to self-intersections (e.g. overlapping convex
-  parts): use ``"winding"`` there.
+  number (libigl's, on the host, for both back ends). Wrong inside meshes made of interpenetrating parts (a voxel
+  inside part A whose closest point lies on part B, issue 25).
+- ``"parts"``: ``"pseudonormal"``, and the voxels ``d3s2.data.part_signs`` marks suspect are decided by the winding
+  number too: those inside the bounding 26-DOP of another part that overlaps the part of their closest face, and
+  those near faces buried inside their own part (self-intersections). Exact for unions of closed parts; the winding
+  number decides a few % of the band on such meshes (none on a clean single-part mesh).
 - ``"shell"``: CLAY-style offset shell (``d3s2.data.shell``): watertight surface at distance ``eps`` around the mesh
   from a flood-filled unsigned-distance grid, the SDF is the signed distance to that shell.
 
-``"auto"`` (``DEFAULT_SIGN``): ``"pseudonormal"``, checked against the winding number at up to 65,536 band voxels
-(fixed seed); where more than 1% of those with a clear winding number (``|w - 1/2| > 1/4``) disagree (a
-self-intersecting mesh: overlapping parts), the band is signed again with ``"winding"``. Sign errors on the holed
+``"auto"`` (``DEFAULT_SIGN``): ``"parts"``, checked against the winding number at up to 65,536 band voxels
+(fixed seed); where more than 1% of those with a clear winding number (``|w - 1/2| > 1/4``) disagree, the band is
+signed again with ``"winding"``. Before issue 25 ``auto`` checked plain ``"pseudonormal"`` (``auto_rule=
+"pseudonormal"``), and meshes with under 1% wrong voxels (15 interpenetrating parts: 0.7%) kept their holes.
+The statistics say which it chose (``sign_method``) and how many voxels the winding number decided
+(``winding_voxels``; ``suspect_voxels`` of them marked by the part rule). Sign errors on the holed
 Stanford bunny (R=256, tau=4 voxels, voxels >= 1.5 voxels from the surface, reference = the MeshFix-repaired bunny;
 bench/results/prepare_sdf_sign_errors.json): pseudonormal 262 / 698,150 band voxels wrong, winding 756, shell 438,661 /
 975,902; random points: 5, 5 and 31,905 of 195,067.
