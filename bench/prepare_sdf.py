@@ -13,7 +13,7 @@ GPU machine (device tool; carry .sdf_carry, which holds the warp 1.2.2 / libigl 
 Issue 25 (signs inside interpenetrating parts), the part rule of ``auto`` beside the auto before it, with far sign
 errors vs the winding number and marching-cubes boundary edges (here, small sizes):
               python bench/prepare_sdf.py --names bunny duck union teddy2_VHACD_CHs --backends cpu \
-                  --resolutions 128 256 --auto-rules parts pseudonormal --errors-max-res 256 \
+                  --resolutions 128 256 --tau-voxels 2 --auto-rules parts pseudonormal --errors-max-res 256 \
                   --out bench/results/prepare_sdf_parts_cpu_here.json
 GPU machine: see the README section "SDF signs of interpenetrating parts" for the carried wheels and the command.
 
@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from d3s2.data.backends import make_queries, resolve_backend  # noqa: E402
 from d3s2.data.mesh_io import normalize_mesh, validate_mesh  # noqa: E402
 from d3s2.data.sdf import mesh_to_sparse_sdf, signed_distance  # noqa: E402
-from d3s2.data.sparse_sdf import save_sparse_sdf  # noqa: E402
+from d3s2.data.sparse_sdf import DEFAULT_TAU, save_sparse_sdf  # noqa: E402
 
 PYBULLET_MESHES = ["duck.obj", "teddy2_VHACD_CHs.obj", "soccerball.obj"]
 
@@ -169,8 +169,9 @@ def boundary_edges(sdf) -> int:
 
 def time_sparse(
     meshes, names, resolutions, backend, device, repeats, save_dir=None, sign="auto", auto_rule="parts",
-    errors_max_res=0,
+    errors_max_res=0, tau_voxels=None,
 ):
+    """``tau_voxels``: band half-width in voxels of each resolution (default: tau = 1/128, 2 voxels at 512)."""
     rows = []
     for name in names:
         mesh, transform = normalize_mesh(to_trimesh(meshes[name]))
@@ -181,6 +182,7 @@ def time_sparse(
                 out, stats = mesh_to_sparse_sdf(
                     mesh,
                     r,
+                    tau=DEFAULT_TAU if tau_voxels is None else tau_voxels * 2.0 / r,
                     sign=sign,
                     backend=backend,
                     device=device,
@@ -193,6 +195,7 @@ def time_sparse(
                 "mesh": name,
                 "faces": int(len(mesh.faces)),
                 "resolution": r,
+                "tau_voxels": float(out.tau * r / 2.0),
                 "backend": backend,
                 "device": device,
                 "sign": sign,
@@ -419,6 +422,9 @@ def main(argv=None):
         help="rules timed with sign auto: parts (issue 25) and/or pseudonormal (the auto before it)",
     )
     ap.add_argument(
+        "--tau-voxels", type=float, default=None, help="band half-width in voxels (default: tau = 1/128 at every R)"
+    )
+    ap.add_argument(
         "--errors-max-res",
         type=int,
         default=0,
@@ -482,7 +488,7 @@ def main(argv=None):
             for rule in args.auto_rules if sg == "auto" else ["parts"]:
                 result["sparse"] += time_sparse(
                     meshes, nm, rr, b, dev, args.repeats, args.save_dir, sign=sg, auto_rule=rule,
-                    errors_max_res=args.errors_max_res,
+                    errors_max_res=args.errors_max_res, tau_voxels=args.tau_voxels,
                 )
                 dump()
         if args.dense and b == "warp":

@@ -194,6 +194,7 @@ def test_pybullet_duck_self_intersection():
     assert _far_clear_disagreements(mesh, pn, r) > 0
     out, st = mesh_to_sparse_sdf(mesh, r, return_stats=True, **kw)
     assert st["sign_method"] == "parts" and 0 < st["winding_voxels"] < 0.1 * len(out)
+    assert st["repair_flips"] > 0  # found by the sign repair (one part: the hull test has nothing to do)
     assert _far_clear_disagreements(mesh, out, r) == 0
 
 
@@ -211,3 +212,29 @@ def test_device_octree_on_warp_cpu_matches_cpu_backend_with_parts():
     assert np.array_equal(a.coords, b.coords) and np.array_equal(a.sdf, b.sdf)
     # ties between equally close faces of two parts may pick other faces on warp: same signs, similar suspects
     assert sa["suspect_voxels"] > 0 and sb["suspect_voxels"] > 0
+
+
+def test_repair_signs_peels_a_wrong_patch():
+    from d3s2.data.sign_repair import repair_signs
+
+    ball = trimesh.creation.icosphere(3, radius=0.6)
+    r = 40
+    ref, st = mesh_to_sparse_sdf(ball, r, tau=3 * 2.0 / r, sign="pseudonormal", backend="cpu", transform=IDENTITY,
+                                 sharp_angle=None, return_stats=True)
+    q = CpuQueries(ball.vertices, ball.faces)
+    c = ref.centers()
+    d = q.unsigned_distance(c)
+    truth = np.where(q.winding_number(c) > 0.5, -d, d)
+    wrong = truth.copy()
+    patch = (c[:, 0] > 0.3) & (truth < -1.5 * 2.0 / r)  # a wrong patch deep on the inner side of the band
+    assert patch.sum() > 30
+    wrong[patch] = -wrong[patch]
+    coords = torch.from_numpy(ref.coords.astype(np.int64))
+    fixed, rs = repair_signs(coords, torch.from_numpy(wrong), torch.zeros(len(c), dtype=torch.bool), r, q.inside)
+    assert np.array_equal(np.sign(fixed.numpy()), np.sign(truth))
+    assert rs["repair_flips"] == patch.sum() and rs["repair_voxels"] < 0.5 * len(c)
+    same, rs = repair_signs(coords, torch.from_numpy(truth), torch.zeros(len(c), dtype=torch.bool), r, q.inside)
+    assert np.array_equal(same.numpy(), truth) and rs["repair_flips"] == 0
+    for n in (0, 1):  # empty and one-voxel bands
+        out, rs = repair_signs(coords[:n], torch.from_numpy(truth[:n]), torch.zeros(n, dtype=torch.bool), r, q.inside)
+        assert len(out) == n and rs["repair_voxels"] == 0

@@ -135,13 +135,16 @@ class CpuQueries:
             self._tables = build_tables(self.V, self.F, "cpu")
         return self._tables
 
-    def part_tables(self):
-        """Parts, part boxes and buried faces (``d3s2.data.part_signs``), built once."""
-        if getattr(self, "_part_tables", None) is None:
+    def part_tables(self, buried_test: bool = False):
+        """Parts, part hulls and (``buried_test``) buried faces (``d3s2.data.part_signs``), built once each."""
+        cache = self.__dict__.setdefault("_part_tables", {})
+        if buried_test not in cache:
             from d3s2.data.part_signs import build_part_tables
 
-            self._part_tables = build_part_tables(self.V, self.F, winding_factory(self), "cpu")
-        return self._part_tables
+            cache[buried_test] = build_part_tables(
+                self.V, self.F, winding_factory(self) if buried_test else None, "cpu"
+            )
+        return cache[buried_test]
 
     def winding_number(self, points: np.ndarray) -> np.ndarray:
         points = np.ascontiguousarray(points, dtype=np.float64).reshape(-1, 3)
@@ -200,7 +203,7 @@ class WarpQueries:
         self.V = np.ascontiguousarray(vertices, dtype=np.float64)
         self.F = np.ascontiguousarray(faces, dtype=np.int64).reshape(-1, 3)
         self._tables = None
-        self._part_tables = None
+        self._part_tables = {}
         self._mesh_tensors = None
         self._winding_mesh = None
         self.mesh = self._build_mesh(support_winding=False)
@@ -267,14 +270,16 @@ class WarpQueries:
             self._tables = build_tables(self.V, self.F, self.torch_device)
         return self._tables
 
-    def part_tables(self):
-        """Parts, part boxes and buried faces (``d3s2.data.part_signs``) on the query device, built once (the
-        buried-face winding numbers through :func:`winding_factory`)."""
-        if self._part_tables is None:
+    def part_tables(self, buried_test: bool = False):
+        """Parts, part hulls and (``buried_test``) buried faces (``d3s2.data.part_signs``) on the query device, built
+        once each (the buried-face winding numbers through :func:`winding_factory`)."""
+        if buried_test not in self._part_tables:
             from d3s2.data.part_signs import build_part_tables
 
-            self._part_tables = build_part_tables(self.V, self.F, winding_factory(self), self.torch_device)
-        return self._part_tables
+            self._part_tables[buried_test] = build_part_tables(
+                self.V, self.F, winding_factory(self) if buried_test else None, self.torch_device
+            )
+        return self._part_tables[buried_test]
 
     def mesh_tensors(self):
         """Float64 vertices [V, 3] and int64 faces [F, 3] on the query device: all that distances need (the

@@ -164,7 +164,7 @@ def build_part_tables(vertices: np.ndarray, faces: np.ndarray, winding_of, devic
     """Parts, their DOPs and the buried faces of a mesh. ``winding_of(V, F)`` -> a ``winding`` function (as in
     :func:`buried_faces`) of the mesh ``(V, F)``: each part is tested against its own winding number, so the faces
     inside *other* parts (the hull test's business) are not flagged (one that ignores ``(V, F)`` and answers for the
-    whole mesh flags more faces: more suspects, signs still right)."""
+    whole mesh flags more faces: more suspects, signs still right). ``winding_of=None``: no buried-face test."""
     V = np.asarray(vertices, dtype=np.float64)
     F = np.asarray(faces, dtype=np.int64).reshape(-1, 3)
     Fm = _merged_faces(V, F) if len(F) else np.zeros((0, 3), dtype=np.int64)
@@ -185,7 +185,9 @@ def build_part_tables(vertices: np.ndarray, faces: np.ndarray, winding_of, devic
     else:  # a K^2 matrix would be too large: treat every pair as overlapping (more suspects, still correct)
         overlap = ~np.eye(k, dtype=bool)
     buried = np.zeros(len(F), dtype=bool)
-    if k == 1:
+    if winding_of is None:
+        pass
+    elif k == 1:
         buried = buried_faces(V, F, winding_of(V, F), Fm)
     elif k > 1:
         order = np.argsort(label, kind="stable")

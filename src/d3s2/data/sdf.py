@@ -119,6 +119,7 @@ def narrow_band(
     signed: bool = True,
     sign_propagation: bool = True,
     sign_method: str = "winding",
+    buried_test: bool = False,
 ) -> BandResult:
     """All voxels at ``resolution`` with (un)signed distance below ``tau`` (module docstring), via ``queries``
     (a ``CpuQueries``/``WarpQueries``). ``sign_method``: ``"winding"``, ``"pseudonormal"`` or ``"parts"``
@@ -133,7 +134,7 @@ def narrow_band(
     pseudo = signed and sign_method in ("pseudonormal", "parts")
     parts = signed and sign_method == "parts"
     if pseudo and hasattr(queries, "closest_torch"):
-        return _narrow_band_torch(queries, resolution, tau, parts=parts)
+        return _narrow_band_torch(queries, resolution, tau, parts=parts, buried_test=buried_test)
     h = voxel_size(resolution)
     top = _top_level(resolution)
     n_top = -(-resolution // (1 << top))
@@ -172,7 +173,7 @@ def narrow_band(
                     from d3s2.data.part_signs import suspect_points
 
                     t1 = time.perf_counter()
-                    suspect = suspect_points(queries.part_tables(), ct, ft).numpy()
+                    suspect = suspect_points(queries.part_tables(buried_test), ct, ft).numpy()
                     stats["part_seconds"] = time.perf_counter() - t1
                     stats["suspect_voxels"] = int(suspect.sum())
                     amb |= suspect
@@ -180,6 +181,7 @@ def narrow_band(
                     sign[amb] = np.where(winding_fallback(queries)(centres[amb]), -1, 1).astype(np.int8)
                 stats["sign_queries"] += int(amb.sum())
                 stats["winding_voxels"] = int(amb.sum())
+                decided = amb
                 stats["sign_seconds"] += time.perf_counter() - t0
         elif signed:
             # a cell whose distance ball holds all its voxel centres has one sign: evaluate it once, children inherit
@@ -201,13 +203,33 @@ def narrow_band(
     if signed and not pseudo:
         stats["winding_voxels"] = len(cells)  # every voxel's sign is its (or its cell's) winding number
     dist = d * sign if signed else d
-    coords, dist = _sort_coords(cells, resolution, dist)
+    if parts:
+        import torch
+
+        from d3s2.data.backends import winding_fallback
+        from d3s2.data.sign_repair import repair_signs
+
+        coords, dist, decided = _sort_coords(cells, resolution, dist, decided)
+        t0 = time.perf_counter()
+        rep, rs = repair_signs(
+            torch.from_numpy(coords), torch.from_numpy(dist), torch.from_numpy(decided), resolution,
+            winding_fallback(queries),
+        )
+        dist = rep.numpy()
+        stats.update(rs)
+        stats["winding_voxels"] += rs["repair_voxels"]
+        stats["repair_seconds"] = time.perf_counter() - t0
+        stats["sign_seconds"] += stats["repair_seconds"]
+    else:
+        coords, dist = _sort_coords(cells, resolution, dist)
     stats["voxels"] = len(coords)
     stats["band_seconds"] = time.perf_counter() - t_start
     return BandResult(coords=coords, distance=dist, stats=stats)
 
 
-def _narrow_band_torch(queries, resolution: int, tau: float, *, parts: bool = False) -> BandResult:
+def _narrow_band_torch(
+    queries, resolution: int, tau: float, *, parts: bool = False, buried_test: bool = False
+) -> BandResult:
     """``narrow_band`` with ``sign_method="pseudonormal"`` (``parts``: ``"parts"``) on the query device (torch
     tensors; one host transfer of the result). Same cells as the numpy loop: the float32 search only prunes (with slack), band membership and the
     sign are decided in float64 at the voxel level."""
@@ -253,7 +275,7 @@ def _narrow_band_torch(queries, resolution: int, tau: float, *, parts: bool = Fa
 
         sync()
         t1 = time.perf_counter()
-        suspect = suspect_points(queries.part_tables(), centres, face)
+        suspect = suspect_points(queries.part_tables(buried_test), centres, face)
         sync()
         stats["part_seconds"] = time.perf_counter() - t1
         stats["suspect_voxels"] = int(suspect.sum())
@@ -270,6 +292,18 @@ def _narrow_band_torch(queries, resolution: int, tau: float, *, parts: bool = Fa
     key = (cells[:, 0] * resolution + cells[:, 1]) * resolution + cells[:, 2]
     key, order = torch.sort(key)
     cells, dist = cells[order], dist[order]
+    if parts:
+        from d3s2.data.sign_repair import repair_signs
+
+        decided = torch.zeros(len(sign), dtype=torch.bool, device=dev)
+        decided[amb] = True
+        t0 = time.perf_counter()
+        dist, rs = repair_signs(cells, dist, decided[order], resolution, winding_fallback(queries))
+        sync()
+        stats.update(rs)
+        stats["winding_voxels"] += rs["repair_voxels"]
+        stats["repair_seconds"] = time.perf_counter() - t0
+        stats["sign_seconds"] += stats["repair_seconds"]
     coords = cells.to(torch.int16).cpu().numpy() if resolution <= 32767 else cells.cpu().numpy()
     stats["voxels"] = len(coords)
     stats["band_seconds"] = time.perf_counter() - t_start
@@ -398,6 +432,7 @@ def mesh_to_sparse_sdf(
     shell_resolution: int = 256,
     sign_propagation: bool = True,
     auto_rule: str = "parts",
+    buried_test: bool = False,
     return_stats: bool = False,
 ):
     """Sparse SDF of Eq. 1 at ``resolution`` (any R, e.g. 256/384/512/1024) with the sharp-voxel mask of Eq. 2.
@@ -408,7 +443,9 @@ def mesh_to_sparse_sdf(
     ``d3s2.data.sharp``); ``sharp_angle=None`` skips the mask. Returns ``SparseSDF`` (and a stats dict if asked).
     ``sign``: ``"auto"`` (checked pseudo-normal with the part rule, module docstring), ``"parts"``,
     ``"pseudonormal"``, ``"winding"``, ``"shell"``. ``auto_rule``: what ``"auto"`` checks, ``"parts"`` (default) or
-    ``"pseudonormal"`` (the rule before issue 25, kept for benchmarks).
+    ``"pseudonormal"`` (the rule before issue 25, kept for benchmarks). ``buried_test``: the part rule also runs the
+    buried-face test of ``d3s2.data.part_signs`` (about 2.5 winding numbers per face: off by default, the band's sign
+    repair finds self-intersections within a part at a fraction of the cost).
     ``backend``: ``"auto"`` (warp on CUDA when present, else libigl), ``"cpu"`` (libigl) or ``"warp"`` (``device``
     ``"cuda"``/``"cpu"``); with warp on CUDA and a pseudo-normal sign the band, its sign and the sharp mask are
     computed on the GPU.
@@ -431,7 +468,8 @@ def mesh_to_sparse_sdf(
     stats["setup_seconds"] = time.perf_counter() - t0
     method = {"shell": "winding", "auto": auto_rule}.get(sign, sign)
     band = narrow_band(
-        queries, resolution, tau, signed=True, sign_propagation=sign_propagation, sign_method=method
+        queries, resolution, tau, signed=True, sign_propagation=sign_propagation, sign_method=method,
+        buried_test=buried_test,
     )
     if sign == "auto":
         t0 = time.perf_counter()
