@@ -8,7 +8,9 @@ without a boolean union; a point inside part A whose closest point lies on part 
 object although B's normal points away from it. Such voxels are few (under 1% of the band) but sit right where the VAE
 learns the surface, and they punch holes and inner walls into the training targets.
 
-Two tests mark the voxels the pseudo-normal may get wrong; the caller decides them by the generalised winding number:
+Two tests mark the voxels the pseudo-normal may get wrong; the caller decides them by the generalised winding number
+(``sign="parts"`` runs the first, ``buried_test=True`` adds the second; self-intersections within a part are otherwise
+left to the cheaper sign repair of ``d3s2.data.sign_repair``):
 
 - *Part hulls* (exact for unions of closed, non-self-intersecting parts): the mesh is split into parts, the connected
   components of its faces (vertices merged by position), each bounded by a 26-DOP (its extent along 13 directions:
@@ -28,7 +30,7 @@ Two tests mark the voxels the pseudo-normal may get wrong; the caller decides th
   (a sliver smaller than the faces around it). Next to a hole the winding number only drifts towards 1/2; the
   pseudo-normal's own test (1-ring of a boundary edge) hands those voxels over.
 
-Clean single-part meshes pay only the buried-face test (about 2.5 winding numbers per face, near the surface, where
+With the buried-face test, clean single-part meshes pay only it (about 2.5 winding numbers per face, near the surface, where
 the fast winding number is slowest: ~1.5 s for the 100k-face bunny on 2 cores); the hull test costs one
 projection of the band candidates and one comparison pass per part whose DOP overlaps another part's; the proximity
 test one bounded distance query (libigl, host) per band voxel near a buried face.

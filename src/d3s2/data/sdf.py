@@ -19,10 +19,12 @@ Sign (selectable, Sec. 5.1 "convert non-watertight meshes into watertight ones")
   the 1-ring of a boundary / non-manifold edge, distance ~0, ``|dot|`` ~ 0) the voxel asks the generalised winding
   number (libigl's, on the host, for both back ends). Wrong inside meshes made of interpenetrating parts (a voxel
   inside part A whose closest point lies on part B, issue 25).
-- ``"parts"``: ``"pseudonormal"``, and the voxels ``d3s2.data.part_signs`` marks suspect are decided by the winding
-  number too: those inside the bounding 26-DOP of another part that overlaps the part of their closest face, and
-  those near faces buried inside their own part (self-intersections). Exact for unions of closed parts; the winding
-  number decides a few % of the band on such meshes (none on a clean single-part mesh).
+- ``"parts"``: ``"pseudonormal"``, and the winding number also decides (1) the voxels ``d3s2.data.part_signs``
+  marks suspect: those inside the bounding 26-DOP of another part (connected component) overlapping the part of their
+  closest face (exact for unions of closed parts), and (2) the voxels the sign repair of ``d3s2.data.sign_repair``
+  finds: opposite signs on neighbours whose distances add up to more than a voxel cannot both be right, and the
+  winding number peels such patches from their border (self-intersections within a part). On interpenetrating
+  unions it decides 3-25% of the band, on a clean single-part mesh a few dozen voxels.
 - ``"shell"``: CLAY-style offset shell (``d3s2.data.shell``): watertight surface at distance ``eps`` around the mesh
   from a flood-filled unsigned-distance grid, the SDF is the signed distance to that shell.
 

@@ -11,7 +11,8 @@ self-intersections within one part (a fold of the surface through itself) and wr
 It cannot see a wrong patch whose every border is a legitimate surface crossing or the band's rim (the outer half of
 the band around a part buried whole inside another: the hull test's case).
 
-Cost: one neighbour search per band voxel along +x, +y, +z (sorted keys, ``searchsorted``), then per round only the
+Cost: one neighbour search per band voxel along +x and +y (sorted keys, ``searchsorted``; along z the neighbour is
+the next key), then per round only the
 voxels next to the last flips; the winding number is asked for the voxels on the front. Runs on the band's device.
 """
 
@@ -39,7 +40,10 @@ def _neighbours(keys, coords, idx, r, offsets):
         ok = ((c >= 0) & (c < r)).all(dim=1)
         i, c = idx[ok], c[ok]
         k = _keys(c, r)
-        j = torch.searchsorted(keys, k).clamp_max_(n - 1)
+        if off[0] == 0 and off[1] == 0:  # along z the neighbour, if present, is the next / previous key
+            j = (i + off[2]).clamp_(0, n - 1)
+        else:
+            j = torch.searchsorted(keys, k).clamp_max_(n - 1)
         hit = keys[j] == k
         a_all.append(i[hit])
         b_all.append(j[hit])
