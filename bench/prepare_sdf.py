@@ -211,6 +211,7 @@ def time_sparse(
                 "distance_queries": stats["distance_queries"],
                 "sign_queries": stats["sign_queries"],
                 **{k: stats[k] for k in stats if k.endswith("_seconds")},
+                **{k: stats[k] for k in ("repair_voxels", "repair_flips", "repair_rounds") if k in stats},
             }
             if save_dir:
                 t0 = time.perf_counter()

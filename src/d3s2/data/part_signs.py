@@ -172,6 +172,14 @@ def build_part_tables(vertices: np.ndarray, faces: np.ndarray, winding_of, devic
     Fm = _merged_faces(V, F) if len(F) else np.zeros((0, 3), dtype=np.int64)
     label, k = face_parts(V, F, Fm)
     D = len(_DIRS)
+    if k <= 1 and winding_of is None:  # one part: no hull test, nothing to build
+        e = np.zeros((k, D))
+        t = lambda x: torch.from_numpy(np.ascontiguousarray(x)).to(device)  # noqa: E731
+        return PartTables(
+            face_part=t(label), lo=t(e), hi=t(e), overlap=t(np.zeros((k, k), dtype=bool)), dirs=t(_DIRS),
+            buried=t(np.zeros(len(F), dtype=bool)), face_diam=t(np.zeros(len(F))), first_corner=t(np.zeros((len(F), 3))),
+            buried_vertices=np.zeros((0, 3)), buried_faces=np.zeros((0, 3), dtype=np.int64),
+        )
     lo = np.full((k, D), np.inf)
     hi = np.full((k, D), -np.inf)
     for corner in range(3):

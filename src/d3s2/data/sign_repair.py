@@ -50,6 +50,26 @@ def _neighbours(keys, coords, idx, r, offsets):
     return torch.cat(a_all), torch.cat(b_all)
 
 
+def _forward_pairs(keys, coords, r):
+    """All band pairs ``(i, j)`` with ``j`` the +x, +y or +z neighbour of ``i`` (the first pass: whole-band tensor ops,
+    no per-voxel gathers of coordinates)."""
+    n = len(keys)
+    a_all, b_all = [], []
+    i = torch.arange(n - 1, device=keys.device)
+    z = (keys[1:] == keys[:-1] + 1) & (coords[:-1, 2] < r - 1)  # +z: the next key
+    a_all.append(i[z])
+    b_all.append(i[z] + 1)
+    for axis, step in ((1, r), (0, r * r)):
+        ok = coords[:, axis] < r - 1
+        src = torch.nonzero(ok).squeeze(1)
+        k = keys[src] + step
+        j = torch.searchsorted(keys, k).clamp_max_(n - 1)
+        hit = keys[j] == k
+        a_all.append(src[hit])
+        b_all.append(j[hit])
+    return torch.cat(a_all), torch.cat(b_all)
+
+
 def repair_signs(coords, dist, decided, resolution: int, inside):
     """Fix the signs of ``dist`` (float64 [N], signed, voxels ``coords`` int64 [N, 3] sorted lexicographically;
     tensors on one device) where the distance bound shows them wrong (module docstring). ``decided`` (bool [N]): voxels
@@ -71,7 +91,7 @@ def repair_signs(coords, dist, decided, resolution: int, inside):
     keys = _keys(coords, r)
     dist = dist.clone()
     asked = decided.clone()
-    a, b = _neighbours(keys, coords, torch.arange(n, device=dev), r, _AXES)
+    a, b = _forward_pairs(keys, coords, r)
     both = (-1, 1)
     every = tuple(tuple(s * x for x in ax) for ax in _AXES for s in both)
     for _ in range(_MAX_ROUNDS):
