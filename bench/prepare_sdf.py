@@ -15,7 +15,14 @@ errors vs the winding number and marching-cubes boundary edges (here, small size
               python bench/prepare_sdf.py --names bunny duck union teddy2_VHACD_CHs --backends cpu \
                   --resolutions 128 256 --tau-voxels 2 --auto-rules parts pseudonormal --errors-max-res 256 \
                   --out bench/results/prepare_sdf_parts_cpu_here.json
-GPU machine: see the README section "SDF signs of interpenetrating parts" for the carried wheels and the command.
+GPU machine (H200; build .whl here once with `python bench/make_sdf_carry.py`, then carry .whl; two calls, each
+well under 10 min):
+              python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+                  .whl/*.whl && export PYTHONPATH=/tmp/site || exit; PYTHONUNBUFFERED=1 python3 bench/prepare_sdf.py \
+                  --meshes .whl/meshes --names bunny duck union teddy2_VHACD_CHs --backends warp --device cuda \
+                  --resolutions 512 1024 --repeats 2 --auto-rules parts pseudonormal --errors-max-res 512 \
+                  --out $OUT/prepare_sdf_parts_h200_warp.json
+              (the same with --backends cpu --repeats 1 --errors-max-res 0 --out $OUT/prepare_sdf_parts_h200_cpu.json)
 
 ``--signs-timed``: sign methods to time (``auto`` = checked pseudo-normal, ``winding``, ...); ``--winding-max-res``
 bounds the resolutions timed with ``winding`` on warp (its winding-number query is the slow part there).
