@@ -24,7 +24,8 @@ Sign (selectable, Sec. 5.1 "convert non-watertight meshes into watertight ones")
   closest face (exact for unions of closed parts), and (2) the voxels the sign repair of ``d3s2.data.sign_repair``
   finds: opposite signs on neighbours whose distances add up to more than a voxel cannot both be right, and the
   winding number peels such patches from their border (self-intersections within a part). On interpenetrating
-  unions it decides 3-25% of the band, on a clean single-part mesh a few dozen voxels.
+  unions it decides 3-40% of the band (4 primitives: 38%, 15 V-HACD hulls: 23%), on a single-part mesh a few
+  dozen voxels plus the 1-ring of its holes.
 - ``"shell"``: CLAY-style offset shell (``d3s2.data.shell``): watertight surface at distance ``eps`` around the mesh
   from a flood-filled unsigned-distance grid, the SDF is the signed distance to that shell.
 
