@@ -10,6 +10,20 @@ GPU machine (device tool; carry .sdf_carry, which holds the warp 1.2.2 / libigl 
                   --cpu-names bunny --device cuda --resolutions 512 1024 --repeats 2 --signs-timed auto winding \
                   --dense 256 512 --save-dir /tmp/s --out $OUT/prepare_sdf_h100.json
 
+Issue 25 (signs inside interpenetrating parts), the part rule of ``auto`` beside the auto before it, with far sign
+errors vs the winding number and marching-cubes boundary edges (here, small sizes):
+              python bench/prepare_sdf.py --names bunny duck union teddy2_VHACD_CHs --backends cpu \
+                  --resolutions 128 256 --tau-voxels 2 --auto-rules parts pseudonormal --errors-max-res 256 \
+                  --out bench/results/prepare_sdf_parts_cpu_here.json
+GPU machine (H200; build .whl here once with `python bench/make_sdf_carry.py`, then carry .whl; two calls, each
+well under 10 min):
+              python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+                  .whl/*.whl && export PYTHONPATH=/tmp/site || exit; PYTHONUNBUFFERED=1 python3 bench/prepare_sdf.py \
+                  --meshes .whl/meshes --names bunny duck union teddy2_VHACD_CHs --backends warp --device cuda \
+                  --resolutions 512 1024 --repeats 2 --auto-rules parts pseudonormal --errors-max-res 512 \
+                  --out $OUT/prepare_sdf_parts_h200_warp.json
+              (the same with --backends cpu --repeats 1 --errors-max-res 0 --out $OUT/prepare_sdf_parts_h200_cpu.json)
+
 ``--signs-timed``: sign methods to time (``auto`` = checked pseudo-normal, ``winding``, ...); ``--winding-max-res``
 bounds the resolutions timed with ``winding`` on warp (its winding-number query is the slow part there).
 Writes one JSON (machine, versions, git commit, per-case seconds and per-stage seconds) under bench/results/ (or
@@ -33,9 +47,27 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from d3s2.data.backends import make_queries, resolve_backend  # noqa: E402
 from d3s2.data.mesh_io import normalize_mesh, validate_mesh  # noqa: E402
 from d3s2.data.sdf import mesh_to_sparse_sdf, signed_distance  # noqa: E402
-from d3s2.data.sparse_sdf import save_sparse_sdf  # noqa: E402
+from d3s2.data.sparse_sdf import DEFAULT_TAU, save_sparse_sdf  # noqa: E402
 
 PYBULLET_MESHES = ["duck.obj", "teddy2_VHACD_CHs.obj", "soccerball.obj"]
+
+
+def union_mesh():
+    """An interpenetrating union made here (issue 25): box, sphere and two cylinders poking into each other,
+    concatenated without a boolean union (about 12k faces)."""
+    import trimesh
+
+    box = trimesh.creation.box(extents=(0.9, 0.5, 0.5))
+    ball = trimesh.creation.icosphere(4, radius=0.35)
+    ball.apply_translation((0.45, 0.2, 0.1))
+    cyl = trimesh.creation.cylinder(radius=0.15, height=1.2, sections=64)
+    cyl.apply_transform(trimesh.transformations.rotation_matrix(0.6, (1, 0, 0)))
+    cyl.apply_translation((-0.25, 0.1, 0.0))
+    cyl2 = trimesh.creation.cylinder(radius=0.08, height=1.4, sections=48)
+    cyl2.apply_transform(trimesh.transformations.rotation_matrix(1.2, (0, 1, 0)))
+    cyl2.apply_translation((0.1, -0.1, 0.15))
+    m = trimesh.util.concatenate([box, ball, cyl, cyl2])
+    return np.asarray(m.vertices), np.asarray(m.faces)
 
 
 def package_meshes() -> dict:
@@ -61,6 +93,7 @@ def package_meshes() -> dict:
 
         m = load_mesh(path)
         out[os.path.splitext(name)[0]] = (np.asarray(m.vertices), np.asarray(m.faces))
+    out["union"] = union_mesh()
     return out
 
 
@@ -117,7 +150,35 @@ def machine_info(device: str | None) -> dict:
     return info
 
 
-def time_sparse(meshes, names, resolutions, backend, device, repeats, save_dir=None, sign="auto"):
+def far_sign_errors(mesh, sdf, resolution) -> dict:
+    """Band voxels farther than 1.5 voxels from the surface whose sign a clear winding number (libigl,
+    ``|w - 1/2| > 1/4``) contradicts (the measure of issue 25), and how many of those have w about 1."""
+    q = make_queries(mesh.vertices, mesh.faces, "cpu")
+    c = sdf.centers()
+    w = q.winding_number(c)
+    far = q.unsigned_distance(c) > 1.5 * 2.0 / resolution
+    bad = far & (np.abs(w - 0.5) > 0.25) & ((sdf.sdf < 0) != (w > 0.5))
+    return {"far_clear_sign_errors": int(bad.sum()), "far_clear_sign_errors_w1": int((bad & (w > 0.5)).sum())}
+
+
+def boundary_edges(sdf) -> int:
+    """Edges used by one face only of the marching-cubes surface of the band (0: closed)."""
+    from d3s2.geometry.marching_cubes import sparse_marching_cubes
+
+    _, f = sparse_marching_cubes(sdf.coords, sdf.sdf, sdf.resolution)
+    f = f.cpu().numpy()
+    if len(f) == 0:
+        return 0
+    e = np.sort(np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]]), axis=1)
+    _, count = np.unique(e, axis=0, return_counts=True)
+    return int((count == 1).sum())
+
+
+def time_sparse(
+    meshes, names, resolutions, backend, device, repeats, save_dir=None, sign="auto", auto_rule="parts",
+    errors_max_res=0, tau_voxels=None,
+):
+    """``tau_voxels``: band half-width in voxels of each resolution (default: tau = 1/128, 2 voxels at 512)."""
     rows = []
     for name in names:
         mesh, transform = normalize_mesh(to_trimesh(meshes[name]))
@@ -126,18 +187,30 @@ def time_sparse(meshes, names, resolutions, backend, device, repeats, save_dir=N
             for _ in range(repeats):
                 t0 = time.perf_counter()
                 out, stats = mesh_to_sparse_sdf(
-                    mesh, r, sign=sign, backend=backend, device=device, transform=transform, return_stats=True
+                    mesh,
+                    r,
+                    tau=DEFAULT_TAU if tau_voxels is None else tau_voxels * 2.0 / r,
+                    sign=sign,
+                    backend=backend,
+                    device=device,
+                    transform=transform,
+                    auto_rule=auto_rule,
+                    return_stats=True,
                 )
                 times.append(time.perf_counter() - t0)
             row = {
                 "mesh": name,
                 "faces": int(len(mesh.faces)),
                 "resolution": r,
+                "tau_voxels": float(out.tau * r / 2.0),
                 "backend": backend,
                 "device": device,
                 "sign": sign,
+                "auto_rule": auto_rule if sign == "auto" else None,
                 "sign_method": stats.get("sign_method"),
                 "check_disagree": stats.get("check_disagree"),
+                "winding_voxels": stats.get("winding_voxels"),
+                "suspect_voxels": stats.get("suspect_voxels"),
                 "seconds": float(np.median(times)),
                 "all_seconds": times,
                 "voxels": int(len(out)),
@@ -145,6 +218,7 @@ def time_sparse(meshes, names, resolutions, backend, device, repeats, save_dir=N
                 "distance_queries": stats["distance_queries"],
                 "sign_queries": stats["sign_queries"],
                 **{k: stats[k] for k in stats if k.endswith("_seconds")},
+                **{k: stats[k] for k in ("repair_voxels", "repair_flips", "repair_rounds") if k in stats},
             }
             if save_dir:
                 t0 = time.perf_counter()
@@ -152,6 +226,11 @@ def time_sparse(meshes, names, resolutions, backend, device, repeats, save_dir=N
                 row["save_seconds_compressed"] = time.perf_counter() - t0
                 row["file_mb"] = os.path.getsize(path) / 2**20
                 os.unlink(path)
+            if r <= errors_max_res:
+                t0 = time.perf_counter()
+                row.update(far_sign_errors(mesh, out, r))
+                row["mc_boundary_edges"] = boundary_edges(out)
+                row["error_count_seconds"] = time.perf_counter() - t0
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows
@@ -300,6 +379,37 @@ def diagnose(meshes, device, n=500_000, tau=1 / 128):
     return rows
 
 
+def rule_ratios(rows) -> list:
+    """sign auto, the part rule vs the rule before issue 25, per mesh / resolution / back end: seconds and ratio."""
+    key = lambda r: (r["mesh"], r["resolution"], r["backend"])  # noqa: E731
+    by = {}
+    for r in rows:
+        if r.get("sign") == "auto":
+            by.setdefault(key(r), {})[r["auto_rule"]] = r
+    out = []
+    for (mesh, res, backend), d in sorted(by.items()):
+        if "parts" in d and "pseudonormal" in d:
+            new, old = d["parts"], d["pseudonormal"]
+            out.append(
+                {
+                    "mesh": mesh,
+                    "resolution": res,
+                    "backend": backend,
+                    "seconds_parts": new["seconds"],
+                    "seconds_before": old["seconds"],
+                    "ratio": new["seconds"] / max(old["seconds"], 1e-9),
+                    "sign_method_parts": new["sign_method"],
+                    "sign_method_before": old["sign_method"],
+                    "winding_voxels_parts": new["winding_voxels"],
+                    "winding_voxels_before": old["winding_voxels"],
+                    "voxels": new["voxels"],
+                    **{f"{k}_parts": new[k] for k in ("far_clear_sign_errors", "mc_boundary_edges") if k in new},
+                    **{f"{k}_before": old[k] for k in ("far_clear_sign_errors", "mc_boundary_edges") if k in old},
+                }
+            )
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--meshes", help="folder of <name>.npz (vertices, faces); default: installed packages")
@@ -312,6 +422,22 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--signs-timed", nargs="*", default=["auto"], help="sign methods timed by the sparse runs")
     ap.add_argument("--winding-max-res", type=int, default=512, help="warp + winding: only resolutions up to this")
+    ap.add_argument(
+        "--auto-rules",
+        nargs="*",
+        default=["parts"],
+        choices=["parts", "pseudonormal"],
+        help="rules timed with sign auto: parts (issue 25) and/or pseudonormal (the auto before it)",
+    )
+    ap.add_argument(
+        "--tau-voxels", type=float, default=None, help="band half-width in voxels (default: tau = 1/128 at every R)"
+    )
+    ap.add_argument(
+        "--errors-max-res",
+        type=int,
+        default=0,
+        help="count far sign errors vs the winding number and marching-cubes boundary edges up to this resolution",
+    )
     ap.add_argument("--cpu-resolutions", nargs="*", type=int, default=None, help="resolutions for backend cpu")
     ap.add_argument("--cpu-names", nargs="*", default=None, help="meshes for backend cpu (default: --names)")
     ap.add_argument("--sign-errors", action="store_true")
@@ -367,13 +493,18 @@ def main(argv=None):
         nm = names if b == "warp" or args.cpu_names is None else args.cpu_names
         for sg in args.signs_timed:
             rr = [r for r in res if r <= args.winding_max_res] if (b == "warp" and sg == "winding") else res
-            result["sparse"] += time_sparse(meshes, nm, rr, b, dev, args.repeats, args.save_dir, sign=sg)
-            dump()
+            for rule in args.auto_rules if sg == "auto" else ["parts"]:
+                result["sparse"] += time_sparse(
+                    meshes, nm, rr, b, dev, args.repeats, args.save_dir, sign=sg, auto_rule=rule,
+                    errors_max_res=args.errors_max_res, tau_voxels=args.tau_voxels,
+                )
+                dump()
         if args.dense and b == "warp":
             result["dense"] += time_dense(meshes, "bunny", args.dense, b, dev, sign="pseudonormal")
             dump()
     if args.sign_errors:
         result["sign_errors"] = sign_errors(meshes, signs=args.signs)
+    result["parts_vs_before"] = rule_ratios(result["sparse"])
     dump()
     print("wrote", out)
 

@@ -70,6 +70,8 @@ def test_prepare_outputs_failures_and_resume(corpus, tmp_path):
         assert sdf.resolution == 32 and sdf.coords.dtype == np.int16 and len(sdf) == rec["sdf"]["32"]["voxels"] > 0
         assert np.abs(sdf.sdf.astype(np.float32)).max() < CFG.tau + 1e-3
         assert sdf.scale == pytest.approx(rec["scale"])
+        # the sign method auto settled on and the voxels the winding number decided (issue 25)
+        assert rec["sdf"]["32"]["sign_method"] == "parts" and 0 <= rec["sdf"]["32"]["winding_voxels"] <= len(sdf)
         cams = json.loads((item / "cameras.json").read_text())
         assert len(cams["views"]) == 2
         for v in cams["views"]:

@@ -86,15 +86,22 @@ def test_auto_sign_falls_back_to_winding_on_self_intersections():
     mesh = _two_overlapping_boxes()
     r, tau = 32, 3 * 2 / 32
     pn = mesh_to_sparse_sdf(mesh, r, tau=tau, sign="pseudonormal", backend="cpu", transform=IDENTITY)
-    auto, st = mesh_to_sparse_sdf(mesh, r, tau=tau, backend="cpu", transform=IDENTITY, return_stats=True)
+    # the sampled check alone (the auto rule before issue 25) falls back to the winding number here
+    auto, st = mesh_to_sparse_sdf(
+        mesh, r, tau=tau, backend="cpu", transform=IDENTITY, auto_rule="pseudonormal", return_stats=True
+    )
     truth = _inside_boxes(auto.centers())
     assert ((pn.sdf < 0) != truth).sum() > 50  # the inner faces fool the pseudo-normal ...
     assert st["sign_method"] == "winding" and st["check_disagree"] > 0.01 * st["check_voxels"]
     assert ((auto.sdf < 0) != truth).sum() == 0  # ... and the checked default catches it
+    # the default auto rule decides the voxels inside the other box by the winding number, no fallback needed
+    parts, st = mesh_to_sparse_sdf(mesh, r, tau=tau, backend="cpu", transform=IDENTITY, return_stats=True)
+    assert st["sign_method"] == "parts" and 0 < st["winding_voxels"] < len(parts)
+    assert np.array_equal(parts.coords, auto.coords) and ((parts.sdf < 0) != truth).sum() == 0
     p = np.random.default_rng(0).uniform(-0.6, 0.6, (500, 3))
     assert ((signed_distance(p, mesh, backend="cpu") < 0) != _inside_boxes(p)).sum() == 0
     closed, st = mesh_to_sparse_sdf(trimesh.creation.box(), 24, backend="cpu", transform=IDENTITY, return_stats=True)
-    assert st["sign_method"] == "pseudonormal" and st["check_disagree"] == 0
+    assert st["sign_method"] == "parts" and st["check_disagree"] == 0 and st["winding_voxels"] == 0
     assert DEFAULT_SIGN == "auto"
 
 

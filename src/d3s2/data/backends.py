@@ -29,6 +29,7 @@ __all__ = [
     "resolve_backend",
     "warp_cuda_available",
     "winding_fallback",
+    "winding_factory",
 ]
 
 _CHUNK = 1 << 22  # points per call: bounds the memory of the per-point outputs (closest points etc.)
@@ -134,6 +135,17 @@ class CpuQueries:
             self._tables = build_tables(self.V, self.F, "cpu")
         return self._tables
 
+    def part_tables(self, buried_test: bool = False):
+        """Parts, part hulls and (``buried_test``) buried faces (``d3s2.data.part_signs``), built once each."""
+        cache = self.__dict__.setdefault("_part_tables", {})
+        if buried_test not in cache:
+            from d3s2.data.part_signs import build_part_tables
+
+            cache[buried_test] = build_part_tables(
+                self.V, self.F, winding_factory(self) if buried_test else None, "cpu"
+            )
+        return cache[buried_test]
+
     def winding_number(self, points: np.ndarray) -> np.ndarray:
         points = np.ascontiguousarray(points, dtype=np.float64).reshape(-1, 3)
         out = np.empty(len(points), dtype=np.float64)
@@ -191,6 +203,7 @@ class WarpQueries:
         self.V = np.ascontiguousarray(vertices, dtype=np.float64)
         self.F = np.ascontiguousarray(faces, dtype=np.int64).reshape(-1, 3)
         self._tables = None
+        self._part_tables = {}
         self._mesh_tensors = None
         self._winding_mesh = None
         self.mesh = self._build_mesh(support_winding=False)
@@ -256,6 +269,17 @@ class WarpQueries:
 
             self._tables = build_tables(self.V, self.F, self.torch_device)
         return self._tables
+
+    def part_tables(self, buried_test: bool = False):
+        """Parts, part hulls and (``buried_test``) buried faces (``d3s2.data.part_signs``) on the query device, built
+        once each (the buried-face winding numbers through :func:`winding_factory`)."""
+        if buried_test not in self._part_tables:
+            from d3s2.data.part_signs import build_part_tables
+
+            self._part_tables[buried_test] = build_part_tables(
+                self.V, self.F, winding_factory(self) if buried_test else None, self.torch_device
+            )
+        return self._part_tables[buried_test]
 
     def mesh_tensors(self):
         """Float64 vertices [V, 3] and int64 faces [F, 3] on the query device: all that distances need (the
@@ -351,6 +375,31 @@ def winding_fallback(queries):
     if cpu is None:
         cpu = queries._cpu_fallback = CpuQueries(queries.V, queries.F)
     return cpu.inside
+
+
+def winding_factory(queries):
+    """``(V, F) -> ((points, exact=False) -> float64 [N] winding numbers of the mesh (V, F))``, for the per-part
+    buried-face test of ``d3s2.data.part_signs``: libigl's fast (``exact``: plain) winding number on the host for both
+    back ends (as :func:`winding_fallback`); without libigl the back end's inside test of the whole mesh as 1.0 / 0.0 (flags more
+    faces: more winding-number voxels, signs still right)."""
+    try:
+        import igl
+    except ImportError:
+        return lambda V, F: (lambda p, exact=False: queries.inside(p).astype(np.float64))
+
+    def of(V, F):
+        V = np.ascontiguousarray(V, dtype=np.float64)
+        F = np.ascontiguousarray(F, dtype=np.int64)
+
+        def winding(p, exact=False):
+            p = np.ascontiguousarray(p, dtype=np.float64).reshape(-1, 3)
+            if len(p) == 0:
+                return np.zeros(0)
+            return np.asarray((igl.winding_number if exact else igl.fast_winding_number)(V, F, p), dtype=np.float64)
+
+        return winding
+
+    return of
 
 
 def make_queries(vertices, faces, backend: str = "auto", device: str | None = None):

@@ -191,9 +191,10 @@ def process_item(src: str | Path, rel: str, out_dir: str | Path, cfg: PrepareCon
         path = item_dir / f"sdf_{res}.npz"
         t = time.perf_counter()
         sdf = _existing_sdf(path, res, cfg.tau)
+        sign_info = {"reused": True}  # written by an interrupted run: its sign statistics are not known here
         if sdf is None:
             try:
-                sdf = mesh_to_sparse_sdf(
+                sdf, st = mesh_to_sparse_sdf(
                     mesh,
                     res,
                     tau=cfg.tau,
@@ -202,13 +203,21 @@ def process_item(src: str | Path, rel: str, out_dir: str | Path, cfg: PrepareCon
                     device=sdf_device,
                     sharp_angle=cfg.sharp_angle,
                     transform=transform,
+                    return_stats=True,
                 )
             except Exception as exc:
                 raise ItemError("sdf", f"resolution {res}: {_reason(exc)}") from exc
             if len(sdf) == 0:
                 raise ItemError("sdf", f"resolution {res}: no voxel within tau={cfg.tau:g} of the surface (empty band)")
             save_sparse_sdf(path, sdf)
-        record["sdf"][str(res)] = {"file": path.name, "voxels": int(len(sdf)), "sharp": int(sdf.sharp.sum())}
+            # how the signs were decided (issue 25): the method auto settled on, the voxels the winding number decided
+            sign_info = {"sign_method": st.get("sign_method"), "winding_voxels": int(st.get("winding_voxels", 0))}
+        record["sdf"][str(res)] = {
+            "file": path.name,
+            "voxels": int(len(sdf)),
+            "sharp": int(sdf.sharp.sum()),
+            **sign_info,
+        }
         timings[f"sdf_{res}"] = round(time.perf_counter() - t, 3)
 
     record["views"] = int(cfg.views)
@@ -517,7 +526,10 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default=None, help="cuda or cpu for SDF and renders (default: cuda when present)")
     p.add_argument("--shard", default=None, metavar="I/N", help="process only shard I of N (hash of the relative path)")
     p.add_argument(
-        "--sign", default="auto", choices=["auto", "winding", "shell"], help="SDF sign method (default auto)"
+        "--sign",
+        default="auto",
+        choices=["auto", "parts", "pseudonormal", "winding", "shell"],
+        help="SDF sign method (default auto)",
     )
     p.add_argument("--sdf-backend", default="auto", choices=["auto", "cpu", "warp"], help="SDF query back end")
     p.add_argument("--tau", type=float, default=1.0 / 128.0, help="band half-width in [-1,1] units (default 1/128)")
