@@ -237,3 +237,51 @@ def test_release_fill_matches_dense_grid_with_fill():
     a = np.unique(np.round(v.numpy().astype(np.float64), 5), axis=0)
     b = np.unique(np.round((vd.numpy().astype(np.float64)) * 2 / r - 1, 5), axis=0)
     np.testing.assert_array_equal(a, b)
+
+
+def test_crossing_winding_numbers_match_solid_angle():
+    """Signed ray crossings (closed meshes) give the solid-angle winding number wherever they are not ambiguous,
+    including grid-aligned points of a voxel-like mesh and points outside the box; open meshes are not closed."""
+    import trimesh
+
+    from d3s2.geometry.crossings import crossing_winding_numbers, is_closed
+    from d3s2.geometry.winding import winding_numbers
+
+    rng = np.random.default_rng(0)
+    boxes = trimesh.util.concatenate([trimesh.creation.box((1, 1, 1)),  # two cubes sharing an edge: non-manifold
+                                      trimesh.creation.box((1, 1, 1)).apply_translation((1, 1, 0))])
+    sphere = trimesh.creation.icosphere(2)
+    for mesh in (sphere, boxes):
+        assert is_closed(mesh.faces)
+        grid = np.stack(np.meshgrid(*[np.linspace(-1.5, 1.5, 7)] * 3), -1).reshape(-1, 3)
+        p = np.concatenate([rng.uniform(-1.6, 1.6, (400, 3)), grid, mesh.vertices[:5]])
+        w, amb = crossing_winding_numbers(p, mesh.vertices, mesh.faces)
+        ref = winding_numbers(p, mesh.vertices, mesh.faces)
+        assert np.array_equal(w[~amb], np.round(ref[~amb])) and (~amb).sum() > 300 and np.abs(w).max() >= 1
+        assert amb[-5:].all()  # on the surface
+    assert not is_closed(sphere.faces[1:]) and not is_closed(np.zeros((0, 3), int))
+    w, amb = crossing_winding_numbers(np.zeros((0, 3)), sphere.vertices, sphere.faces)
+    assert len(w) == 0 and len(amb) == 0
+
+
+def test_enclosed_components_match_reference():
+    import trimesh
+
+    from d3s2.geometry.cleanup import enclosed_components, enclosed_components_reference
+
+    rng = np.random.default_rng(1)
+    for trial in range(3):
+        parts = [trimesh.creation.icosphere(2, radius=2.0)]
+        for _ in range(12):
+            s = trimesh.creation.icosphere(1, radius=float(rng.uniform(0.05, 0.4)))
+            parts.append(s.apply_translation(rng.uniform(-2.3, 2.3, 3)))
+        if trial == 1:  # an open container: solid-angle path
+            parts[0] = trimesh.Trimesh(parts[0].vertices, parts[0].faces[5:], process=False)
+        if trial == 2:  # inward-wound container and one straddling its surface
+            parts[0].invert()
+            parts.append(trimesh.creation.icosphere(1, radius=0.3).apply_translation((2.0, 0, 0)))
+        mesh = trimesh.util.concatenate(parts)
+        lab, enc = enclosed_components(mesh)
+        lab_r, enc_r = enclosed_components_reference(mesh)
+        assert np.array_equal(lab, lab_r) and np.array_equal(enc, enc_r)
+        assert 0 < enc.sum() < len(enc) - 1

@@ -35,6 +35,7 @@ __all__ = [
     "visible_components",
     "remove_interior_shells",
     "enclosed_components",
+    "enclosed_components_reference",
     "remove_enclosed_components",
     "decimate",
     "vertex_normals",
@@ -104,6 +105,50 @@ def remove_small_components(mesh, min_faces: int = 0, min_area_fraction: float =
 
 def enclosed_components(mesh, samples: int = 5) -> tuple[np.ndarray, np.ndarray]:
     """``(face_label [F], enclosed [K] bool)``: components whose sample vertices (up to ``samples`` each, majority
+    vote) have winding number > 0.5 with respect to some larger component. Components are visited by decreasing
+    area; an enclosed one is not used as a container. Same result as :func:`enclosed_components_reference`; closed
+    containers use signed ray crossings (``d3s2.geometry.crossings``), ambiguous points and open containers the
+    solid-angle sum."""
+    from d3s2.geometry.crossings import crossing_winding_numbers, is_closed
+    from d3s2.geometry.winding import winding_numbers
+
+    label, k = face_components(mesh.faces, len(mesh.vertices))
+    enclosed = np.zeros(k, dtype=bool)
+    if k < 2:
+        return label, enclosed
+    v = np.asarray(mesh.vertices, dtype=np.float64)
+    f = np.asarray(mesh.faces, dtype=np.int64)
+    area = np.bincount(label, weights=np.asarray(mesh.area_faces, dtype=np.float64), minlength=k)
+    order = np.argsort(-area, kind="stable")
+    pts = []
+    for c in range(k):  # evenly spread vertices of the component's faces
+        fv = np.unique(f[label == c].reshape(-1))
+        pts.append(v[fv[np.linspace(0, len(fv) - 1, min(samples, len(fv))).astype(np.int64)]])
+    for i, big in enumerate(order[:-1]):
+        if enclosed[big]:
+            continue
+        rest = [c for c in order[i + 1:] if not enclosed[c]]
+        if not rest:
+            break
+        sample = np.concatenate([pts[c] for c in rest])
+        fb = f[label == big]
+        if is_closed(fb):
+            wi, amb = crossing_winding_numbers(sample, v, fb)
+            w = wi.astype(np.float64)
+            if amb.any():
+                w[amb] = winding_numbers(sample[amb], v, fb)
+        else:
+            w = winding_numbers(sample, v, fb)
+        split = np.cumsum([len(pts[c]) for c in rest])[:-1]
+        for c, wc in zip(rest, np.split(w, split)):
+            if np.mean(np.abs(wc) > 0.5) > 0.5:
+                enclosed[c] = True
+    return label, enclosed
+
+
+def enclosed_components_reference(mesh, samples: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """Plain reference of :func:`enclosed_components` (solid-angle winding numbers against every container).
+    ``(face_label [F], enclosed [K] bool)``: components whose sample vertices (up to ``samples`` each, majority
     vote) have winding number > 0.5 with respect to some larger component. Components are visited by decreasing
     area; an enclosed one is not used as a container."""
     from d3s2.geometry.winding import winding_numbers
