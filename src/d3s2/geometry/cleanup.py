@@ -120,10 +120,16 @@ def enclosed_components(mesh, samples: int = 5) -> tuple[np.ndarray, np.ndarray]
     f = np.asarray(mesh.faces, dtype=np.int64)
     area = np.bincount(label, weights=np.asarray(mesh.area_faces, dtype=np.float64), minlength=k)
     order = np.argsort(-area, kind="stable")
+    # evenly spread vertices of each component's faces (as the reference), from one sort instead of K masks
+    nv = max(len(v), 1)
+    pairs = np.unique(np.repeat(label, 3) * nv + f.reshape(-1))  # sorted by (component, vertex)
+    bounds = np.searchsorted(pairs, np.arange(k + 1) * nv)
     pts = []
-    for c in range(k):  # evenly spread vertices of the component's faces
-        fv = np.unique(f[label == c].reshape(-1))
+    for c in range(k):
+        fv = pairs[bounds[c]:bounds[c + 1]] - c * nv
         pts.append(v[fv[np.linspace(0, len(fv) - 1, min(samples, len(fv))).astype(np.int64)]])
+    face_order = np.argsort(label, kind="stable")
+    face_bounds = np.searchsorted(label[face_order], np.arange(k + 1))
     for i, big in enumerate(order[:-1]):
         if enclosed[big]:
             continue
@@ -131,7 +137,7 @@ def enclosed_components(mesh, samples: int = 5) -> tuple[np.ndarray, np.ndarray]
         if not rest:
             break
         sample = np.concatenate([pts[c] for c in rest])
-        fb = f[label == big]
+        fb = f[face_order[face_bounds[big]:face_bounds[big + 1]]]
         if is_closed(fb):
             wi, amb = crossing_winding_numbers(sample, v, fb)
             w = wi.astype(np.float64)

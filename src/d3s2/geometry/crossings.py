@@ -16,7 +16,8 @@ import numpy as np
 __all__ = ["is_closed", "crossing_winding_numbers"]
 
 # a fixed, generic rotation: keeps the ray off the axis-aligned edges and vertex rows of marching-cubes meshes
-_ROT = np.linalg.qr(np.array([[0.8147, 0.0975, 0.1576], [0.9058, 0.2785, 0.9706], [0.1270, 0.5469, 0.9572]]))[0]
+_ROTS = (np.linalg.qr(np.array([[0.8147, 0.0975, 0.1576], [0.9058, 0.2785, 0.9706], [0.1270, 0.5469, 0.9572]]))[0],
+         np.linalg.qr(np.array([[0.4218, 0.6557, 0.6787], [0.9157, 0.0357, 0.7577], [0.7922, 0.8491, 0.7431]]))[0])
 
 
 def is_closed(faces: np.ndarray) -> bool:
@@ -34,7 +35,16 @@ def is_closed(faces: np.ndarray) -> bool:
 
 def crossing_winding_numbers(points, vertices, faces) -> tuple[np.ndarray, np.ndarray]:
     """``(w [P] int64, ambiguous [P] bool)`` for a closed mesh (see :func:`is_closed`); ``w`` is meaningless where
-    ``ambiguous``."""
+    ``ambiguous``. A point ambiguous along the first ray direction is retried along a second one."""
+    p = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+    w, amb = _crossings(p, vertices, faces, _ROTS[0])
+    if amb.any():
+        w2, amb2 = _crossings(p[amb], vertices, faces, _ROTS[1])
+        w[amb], amb[amb] = w2, amb2
+    return w, amb
+
+
+def _crossings(points, vertices, faces, rot) -> tuple[np.ndarray, np.ndarray]:
     p = np.asarray(points, dtype=np.float64).reshape(-1, 3)
     v = np.asarray(vertices, dtype=np.float64).reshape(-1, 3)
     f = np.asarray(faces, dtype=np.int64).reshape(-1, 3)
@@ -42,20 +52,26 @@ def crossing_winding_numbers(points, vertices, faces) -> tuple[np.ndarray, np.nd
     amb = np.zeros(len(p), dtype=bool)
     if len(p) == 0 or len(f) == 0:
         return w, amb
-    used = v[np.unique(f)]
-    lo, hi = used.min(0), used.max(0)
+    used = np.zeros(len(v), dtype=bool)
+    used[f.reshape(-1)] = True
+    vid = np.nonzero(used)[0]  # only the mesh's own vertices: a small container of a big mesh stays cheap
+    v, f = v[vid], np.searchsorted(vid, f)
+    lo, hi = v.min(0), v.max(0)
     inside_box = np.all((p >= lo) & (p <= hi), axis=1)
     idx = np.nonzero(inside_box)[0]
     if len(idx) == 0:
         return w, amb
     centre = (lo + hi) / 2
-    q = (p[idx] - centre) @ _ROT
-    tri = (v[f] - centre) @ _ROT  # [F, 3, 3]
-    scale = float(np.abs(tri).max()) + 1e-300
-    tmin, tmax = tri[:, :, 1:].min(1), tri[:, :, 1:].max(1)  # projected (y, z) boxes [F, 2]
-    cell = max(float((tmax - tmin).max()), scale * 1e-9)
+    q = (p[idx] - centre) @ rot
+    vr = (v - centre) @ rot  # rotated vertices; triangles are gathered per candidate only
+    scale = float(np.abs(vr).max()) + 1e-300
+    ys, zs = vr[:, 1][f], vr[:, 2][f]  # [F, 3]
+    ymin, ymax = np.minimum(np.minimum(ys[:, 0], ys[:, 1]), ys[:, 2]), np.maximum(np.maximum(ys[:, 0], ys[:, 1]), ys[:, 2])
+    zmin, zmax = np.minimum(np.minimum(zs[:, 0], zs[:, 1]), zs[:, 2]), np.maximum(np.maximum(zs[:, 0], zs[:, 1]), zs[:, 2])
+    tmin = np.stack([ymin, zmin], 1)  # projected (y, z) boxes [F, 2]
+    cell = max(float(max((ymax - ymin).max(), (zmax - zmin).max())), scale * 1e-9)
     origin = tmin.min(0)
-    ncol = int(np.floor((tmax[:, 1].max() - origin[1]) / cell)) + 3
+    ncol = int(np.floor((zmax.max() - origin[1]) / cell)) + 3
     tc = np.floor((tmin - origin) / cell).astype(np.int64)  # each box spans at most 2 x 2 cells from here
     tkey = tc[:, 0] * ncol + tc[:, 1]
     order = np.argsort(tkey, kind="stable")
@@ -73,7 +89,7 @@ def crossing_winding_numbers(points, vertices, faces) -> tuple[np.ndarray, np.nd
             cand.append(order[start + np.arange(len(rep))])
     pi, ti = np.concatenate(pts), np.concatenate(cand)
     if len(pi):
-        t = tri[ti]  # [M, 3, 3]
+        t = vr[f[ti]]  # [M, 3, 3]
         y, z = q[pi, 1, None] - t[:, :, 1], q[pi, 2, None] - t[:, :, 2]  # vertex -> point offsets [M, 3]
         # 2-D edge functions of the point against each projected edge (i -> i+1)
         e = y * np.roll(z, -1, 1) - z * np.roll(y, -1, 1)
