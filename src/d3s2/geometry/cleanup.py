@@ -13,7 +13,9 @@ interior shells, decimation to an explicit face count, vertex normals.
   Cost: one rasterisation per view (about 0.6 s per 256^2 view for 400k faces on a 2-core CPU; fast on CUDA).
 - Enclosed components (issue 24): a component whose sample vertices have generalised winding number > 0.5 with
   respect to a larger closed component lies inside it (``d3s2.geometry.winding``); cheaper than rendering, exact for
-  closed meshes (the ``surface="closed"`` extraction makes them).
+  closed meshes (the ``surface="closed"`` extraction makes them). Closed containers are tested by signed ray
+  crossings (``d3s2.geometry.crossings``, same integer result, ~100x faster); ``enclosed_components_reference`` keeps
+  the plain solid-angle version.
 - Floaters: components below a fraction of the total area or of the largest component's volume.
 - Decimation: quadric edge collapse of ``fast_simplification`` (maintained wrapper of Fast-Quadric-Mesh-Simplification)
   to an explicit ``target_faces`` (the authors' ``remesh`` option removed ~95% of faces whatever was asked; ours
