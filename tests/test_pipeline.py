@@ -7,6 +7,7 @@ shifts each SS-VAE decoder's output by its median (a forward hook on ``decoder.o
 a surface and marching cubes, clean-up and export run on real data.
 """
 
+import dataclasses
 import os
 
 import numpy as np
@@ -92,6 +93,8 @@ def test_end_to_end_on_rendered_mesh_with_injected_structure(tmp_path, duck):
     from d3s2.geometry.export import save_mesh
 
     pipe = _centre_decoder_output(ImageTo3DPipeline.from_config("pipeline_tiny", seed=0))
+    # the open extraction on the decoded children only (the closed default also closes past the active set)
+    pipe.settings = dataclasses.replace(pipe.settings, surface="d3s2")
     r = pipe.resolution_512
     coords, _ = unsigned_band(duck, r, 1.5 / r)
     shell = latent_shell_coords(coords, 8)
@@ -160,6 +163,7 @@ def test_chunked_decoding_matches_one_shot():
 
 def test_1024_stage_from_the_512_mesh():
     pipe = _centre_decoder_output(ImageTo3DPipeline.from_config("pipeline_tiny", seed=0))
+    pipe.settings = dataclasses.replace(pipe.settings, surface="d3s2")  # the bound below is that of the open surface
     block = torch.tensor([[0, 3 + i, 3 + j, 3 + k] for i in range(2) for j in range(2) for k in range(2)])
     meshes = pipe(_square_image(), generator=torch.Generator().manual_seed(0), resolution=1024, progress=False,
                   structure_coords=block)
