@@ -56,3 +56,13 @@ def load_into_empty(model: nn.Module, state_dict: dict[str, torch.Tensor],
         if left:
             raise D3S2Error(f"{type(model).__name__}: {len(left)} tensors were not loaded (first: {left[0]})")
     return model
+
+
+def torch_load_weights(path) -> object:
+    """``torch.load(path, map_location="cpu", weights_only=True)``; an unreadable or pickled-object file is one
+    D3S2Error line naming it (the release's ``.ckpt`` files are read this way only)."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise D3S2Error(f"{path}: cannot read the checkpoint with torch.load(weights_only=True) "
+                        f"({' '.join(str(exc).split())[:200]})") from exc

@@ -244,7 +244,7 @@ def load_refiner_checkpoint(path_or_state_dict, which: str, config=None) -> nn.M
     """A refiner built on the meta device and loaded strictly (the checkpoint's tensors become its parameters: no
     second copy). ``path_or_state_dict``: a release ``.ckpt`` (``{"refiner": state_dict}``), such a dict, or the
     state dict itself. The model stays on the checkpoint's device and dtype; ``.to(device, dtype)`` it."""
-    from d3s2.models.loading import load_into_empty
+    from d3s2.models.loading import load_into_empty, torch_load_weights
 
     if which not in REFINERS:
         raise D3S2Error(f"unknown refiner '{which}' (known: {', '.join(REFINERS)})")
@@ -255,11 +255,7 @@ def load_refiner_checkpoint(path_or_state_dict, which: str, config=None) -> nn.M
         path = Path(obj)
         if not path.is_file():
             raise D3S2Error(f"missing refiner checkpoint {path} (the release names it {REFINERS[which][1]})")
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise D3S2Error(f"{path}: cannot read the checkpoint with torch.load(weights_only=True) "
-                            f"({' '.join(str(exc).split())[:200]})") from exc
+        obj = torch_load_weights(path)
     if not isinstance(obj, dict):
         raise D3S2Error(f"{where}: expected a dict, got {type(obj).__name__}")
     key = REFINERS[which][2]

@@ -63,11 +63,9 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     """``torch.load(weights_only=True)`` with one-line errors."""
     if not path.is_file():
         raise D3S2Error(f"missing checkpoint {path} (the authors' release folder holds {', '.join(OFFICIAL_FILES)})")
-    try:
-        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise D3S2Error(f"{path}: cannot read the checkpoint with torch.load(weights_only=True) "
-                        f"({' '.join(str(exc).split())[:200]})") from exc
+    from d3s2.models.loading import torch_load_weights
+
+    ckpt = torch_load_weights(path)
     if not isinstance(ckpt, dict):
         raise D3S2Error(f"{path}: expected a dict of state dicts, got {type(ckpt).__name__}")
     return ckpt
