@@ -1,8 +1,10 @@
 """Per-sample normalisation of sparse features (the GroupNorm / LayerNorm of the sparse VAE, paper Sec. 3.1).
 
 Statistics of sample ``b`` are taken over *its* rows only (all its voxels, and the channels of a group), as if
-``torch.nn.GroupNorm`` ran on that sample's ``[1, C, n_b]`` feature matrix; samples never see each other. Vectorised
-with a row scatter-add over the per-row batch index; statistics in fp32 for fp16/bf16 features. Per-token layer norm
+``torch.nn.GroupNorm`` ran on that sample's ``[1, C, n_b]`` feature matrix; samples never see each other. The sums
+run per sample over its row slice (rows are sorted by batch) with torch's tree reductions: a row scatter-add into a
+few addresses accumulates sequentially, and in fp32 over millions of voxels (the 1024 SS-VAE) its mean was off by
+~1e-2 of the std (7e-3 absolute at 4.7M rows). Statistics in fp32 for fp16/bf16 features. Per-token layer norm
 (statistics over the channels of one voxel) needs no batch structure: apply ``torch.nn.LayerNorm`` to ``x.feats``.
 """
 
@@ -12,7 +14,6 @@ import torch
 from torch import nn
 
 from d3s2.errors import D3S2Error
-from d3s2.sparse.scatter import add_rows
 from d3s2.sparse.tensor import SparseTensor
 
 __all__ = ["sparse_group_norm", "SparseGroupNorm", "SparseLayerNorm"]
@@ -24,15 +25,24 @@ def sparse_group_norm(x: SparseTensor, num_groups: int, weight: torch.Tensor | N
     if c % num_groups:
         raise D3S2Error(f"{c} channels cannot be split into {num_groups} groups")
     g = num_groups
-    bidx = x.batch_idx
     acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     feats = x.feats.to(acc).reshape(n, g, c // g)
-    count = (x.batch_counts * (c // g)).clamp(min=1).to(acc).unsqueeze(1)  # [B, 1]
-    zeros = feats.new_zeros(x.batch_size, g)
-    mean = add_rows(zeros, bidx, feats.sum(-1)) / count
-    centred = feats - mean[bidx].unsqueeze(-1)
-    var = add_rows(zeros, bidx, centred.square().sum(-1)) / count
-    y = (centred * torch.rsqrt(var + eps)[bidx].unsqueeze(-1)).reshape(n, c)
+    segments = [slice(0, n)] if x.batch_size == 1 else x.layout
+
+    def per_sample(fn, v: torch.Tensor) -> torch.Tensor:  # [n, g, c/g] -> [B, g]; sum(2).sum(0): a (0, 2) reduction sums sequentially on the CPU
+        return torch.stack([fn(v[s]).sum(2).sum(0) / max(1, (s.stop - s.start) * (c // g)) for s in segments])
+
+    mean = per_sample(lambda v: v, feats)
+    if x.batch_size == 1:
+        centred = feats - mean[0][None, :, None]
+        var = per_sample(torch.square, centred)
+        scale = torch.rsqrt(var + eps)[0][None, :, None]
+    else:
+        bidx = x.batch_idx
+        centred = feats - mean[bidx].unsqueeze(-1)
+        var = per_sample(torch.square, centred)
+        scale = torch.rsqrt(var + eps)[bidx].unsqueeze(-1)
+    y = (centred * scale).reshape(n, c)
     if weight is not None:
         y = y * weight.to(acc)
     if bias is not None:
