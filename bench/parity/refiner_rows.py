@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import copy
 import time
+import types
 
 import torch
+import torch.nn.functional as F
 
 from compare import rel_err, row
 
@@ -81,6 +83,32 @@ def _timed(fn, dev, *args):
     return out, sec, peak
 
 
+def _fp64_truth(theirs, model, args_t, args_o, got, want, sign: bool) -> dict:
+    """Both sides again in fp64 (cuDNN's fp32 3-D convolutions choose algorithms per shape, and the split
+    convolutions of d3s2's lean path give it other shapes than the release's: their fp32 results differ by more
+    than rounding of one formula; their blocks round each norm's input to fp32 even here). Reports fp64 ours vs fp64 theirs (the formula) and each fp32 side vs that truth."""
+    t64 = copy.deepcopy(theirs).double()
+    for m in t64.modules():  # their blocks call norm(x.float()): the norms read the (fp32-rounded) input in fp64
+        if isinstance(m, torch.nn.GroupNorm):
+            m.forward = types.MethodType(lambda self, x: F.group_norm(x.to(self.weight.dtype), self.num_groups,
+                                                                      self.weight, self.bias, self.eps), m)
+    o64 = copy.deepcopy(model).double()
+    a_t = [a.double() for a in args_t]
+    truth = (theirs_sign_patch(t64, *a_t) if sign else theirs_sdf_patch(t64, *a_t))
+    del t64
+    ours64 = o64(*[a.double() for a in args_o])
+    del o64
+    e = rel_err(ours64, truth)
+    out = {"fp64_max_rel": e["max_rel"], "fp64_fro_rel": e["fro_rel"],
+           "ours_fp32_vs_fp64_max_rel": rel_err(got, truth)["max_rel"],
+           "theirs_fp32_vs_fp64_max_rel": rel_err(want, truth)["max_rel"]}
+    if sign:
+        out["fp64_sign_flips"] = int(((ours64 >= 0.5) != (truth >= 0.5)).sum())
+    del ours64, truth
+    torch.cuda.empty_cache()
+    return out
+
+
 @torch.no_grad()
 def refiner_patch(h, name: str, patch: int | None = None) -> list[dict]:
     """Both precisions of one refiner row (see the module docstring); ``h``: a rows.Harness."""
@@ -113,6 +141,8 @@ def refiner_patch(h, name: str, patch: int | None = None) -> list[dict]:
         if sign:
             extra["sign_flips"] = int(((got >= 0.5) != (want >= 0.5)).sum())
             extra["near_half"] = int(((want.float() - 0.5).abs() < 1e-3).sum())
+        if dt == torch.float32:
+            extra.update(_fp64_truth(theirs, model, args_t[1:], args_o, got, want, sign))
         label = (f"refiner 1024 (sign) patch {p}^3: sigmoid" if sign else
                  f"refiner 512 (SDF) patch {p}^3: tanh SDF")
         rows.append(row(label, rel_err(got, want), dt, dev, **extra))

@@ -112,15 +112,28 @@ def run_row(name: str, theirs, ours, coords: torch.Tensor, sdf: torch.Tensor, fe
     c4 = torch.cat([torch.zeros(len(coords), 1, dtype=torch.int32, device=dev), coords.int().to(dev)], 1)
     s = sdf.to(dev, dtype)
     f = feats.to(dev, dtype) if feats is not None else None
+    level_note = "the release's"
+    if f is not None:  # random weights: the refined SDF may not cross 0.4 at all (an empty mesh compares nothing)
+        with torch.inference_mode():
+            g = refined_sdf_grid(ours, c4, s, f, resolution=512 if not isinstance(theirs, _SmokeRun) else theirs.res)
+            vals = g[0, 0][c4[:, 1].long(), c4[:, 2].long(), c4[:, 3].long()].float()
+            del g
+        lo, hi = (float(q) for q in torch.quantile(vals[:: max(1, len(vals) // 100000)].cpu(),
+                                                    torch.tensor([0.1, 0.9])))
+        if not lo <= level <= hi:
+            level, level_note = round(float(vals.median()), 4), "median of the refined band (0.4 not crossed)"
     cap = CaptureMC(mc_module.measure)
     mc_module.measure = cap
     try:
         if f is not None:
-            meshes, t_theirs, m_theirs = _timed(lambda: theirs.run(sp.SparseTensor(s[:, None], c4),
-                                                                   sp.SparseTensor(f, c4), mc_threshold=level), dev)
+            with torch.no_grad():  # the release's pipeline calls run() under @torch.no_grad()
+                meshes, t_theirs, m_theirs = _timed(lambda: theirs.run(sp.SparseTensor(s[:, None], c4),
+                                                                       sp.SparseTensor(f, c4), mc_threshold=level),
+                                                    dev)
         else:
-            meshes, t_theirs, m_theirs = _timed(lambda: theirs.run(sp.SparseTensor(s[:, None], c4),
-                                                                   mc_threshold=level), dev)
+            with torch.no_grad():
+                meshes, t_theirs, m_theirs = _timed(lambda: theirs.run(sp.SparseTensor(s[:, None], c4),
+                                                                       mc_threshold=level), dev)
     finally:
         mc_module.measure = cap.measure
     vol = cap.volumes[0]
@@ -132,7 +145,7 @@ def run_row(name: str, theirs, ours, coords: torch.Tensor, sdf: torch.Tensor, fe
             fields, t_ours, m_ours = _timed(lambda: refine_signs_1024(ours, c4, s, resolution=vol.shape[0]), dev)
     extra = {"resolution": int(vol.shape[0]), "band_voxels": int(len(coords)), "explicit_voxels":
              int(len(fields[0].coords)), "seconds_theirs": t_theirs, "seconds_ours": t_ours,
-             "peak_gib_theirs": m_theirs, "peak_gib_ours": m_ours, "level": level}
+             "peak_gib_theirs": m_theirs, "peak_gib_ours": m_ours, "level": level, "level_note": level_note}
     field = fields[0]
     with torch.inference_mode():
         if f is not None:
@@ -172,9 +185,37 @@ def build_pair(key: str, which: str, seed: int, dtype: torch.dtype, dev: torch.d
     target, p = full_params("v1.1")[key]
     theirs = get_class(target)(**{**p, "use_fp16": dtype == torch.float16})
     sd = random_state_dict(get_class(target)(**{**p, "use_fp16": False}), seed)
+    note = None
+    if which == "refiner_1024":
+        sd, note = sharpen_sign_weights(sd, which, dev)
     theirs.load_state_dict(sd, strict=True)
     ours = load_refiner_checkpoint({"refiner": sd}, which).to(dev, dtype).eval()
-    return theirs.eval().to(dev), ours
+    return theirs.eval().to(dev), ours, note
+
+
+def sharpen_sign_weights(sd: dict, which: str, dev: torch.device, patch: int | None = None) -> tuple[dict, dict]:
+    """Random weights give logits within ~1e-3 of 0 (sigmoid ~0.5 everywhere): the whole-run sign field would be
+    noise, its 1024^3 mesh enormous and fp32 rounding would flip signs. Scale ``conv_out`` (same weights into both
+    sides) so that the logits of a band patch have std 3 and far from the band sit at +3 (outside): the field keeps
+    the network's structure near the band and is decided elsewhere."""
+    from d3s2.models.refiner import load_refiner_checkpoint
+    from refiner_rows import band_patch
+
+    net = load_refiner_checkpoint({"refiner": sd}, which).to(dev).eval()
+    x, _, _ = band_patch(patch or net.config.patch_size, 0)
+    with torch.inference_mode():
+        p = net(x.to(dev)).double().clamp(1e-12, 1 - 1e-12)
+    logit = torch.log(p / (1 - p))[0, 0]
+    band = (x[0, 0] < 1).to(dev)
+    bias = float(sd["conv_out.bias"].double().sum())
+    signal = logit - bias
+    k = 3.0 / max(float(signal.std()), 1e-12)
+    far = float(signal[~band].median())
+    sd = dict(sd)
+    sd["conv_out.weight"] = sd["conv_out.weight"] * k
+    sd["conv_out.bias"] = torch.full_like(sd["conv_out.bias"], 3.0 - k * far)
+    del net
+    return sd, {"conv_out_scale": k, "conv_out_bias": 3.0 - k * far}
 
 
 class _SmokeRun:
@@ -258,8 +299,10 @@ def main(argv=None) -> int:
                     ours = (StandInSDF(16) if feats is not None else StandInSign(10)).to(dev, dt).eval()
                     theirs = _SmokeRun(ours, res, mc_module)
                 else:
-                    theirs, ours = build_pair(key, which, 11, dt, dev)
+                    theirs, ours, note = build_pair(key, which, 11, dt, dev)
                 r = run_row(name, theirs, ours, coords, sdf, feats, dt, dev, mc_module, sp)
+                if not args.smoke and note:
+                    r["weights_note"] = note
                 del theirs, ours
             except Exception as exc:  # a failing row is reported, the others still run
                 import traceback

@@ -45,7 +45,7 @@ class FP32GroupNorm(nn.GroupNorm):
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         for p in self.parameters(recurse=False):
-            if p.is_floating_point() and p.dtype != torch.float32:
+            if p.is_floating_point() and p.dtype in (torch.float16, torch.bfloat16):
                 p.data = p.data.float()
         return self
 
@@ -65,14 +65,14 @@ def _channel_stats(x: torch.Tensor, slab: int | None) -> tuple[torch.Tensor, tor
     """Per (sample, channel) mean and sum of squared deviations (fp64) and the voxel count, from fp32 ``var_mean``
     of depth slabs combined with Chan et al.'s pairwise update (one read of ``x``, no full-size fp32 copy)."""
     b, c = x.shape[:2]
-    if slab is None and x.dtype == torch.float32 and x.is_contiguous():
+    if slab is None and x.dtype in (torch.float32, torch.float64) and x.is_contiguous():
         var, mean = torch.var_mean(x.reshape(b, c, -1), dim=-1, correction=0)
         n = x.numel() // (b * c)
         return mean.double(), var.double() * n, n
     step = slab or _slab(x)
     count, mean, m2 = 0, None, None
     for d0 in range(0, x.shape[2], step):
-        chunk = x[:, :, d0:d0 + step].float().reshape(b, c, -1)
+        chunk = x[:, :, d0:d0 + step].to(torch.float64 if x.dtype == torch.float64 else torch.float32).reshape(b, c, -1)
         v, m = torch.var_mean(chunk, dim=-1, correction=0)
         n = chunk.shape[-1]
         m, v = m.double(), v.double()
@@ -110,8 +110,9 @@ def _apply(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, act: bool,
     shape = tuple(scale.shape) + (1,) * (x.dim() - 2)
     if out is None:
         out = torch.empty_like(x)
-    # computed in fp32, written in x.dtype (then SiLU in that dtype: the release casts before its SiLU)
-    torch.addcmul(shift.float().reshape(shape), x, scale.float().reshape(shape), out=out)
+    # computed in fp32 (fp64 for fp64 x), written in x.dtype (then SiLU in that dtype: the release casts before its SiLU)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    torch.addcmul(shift.to(acc).reshape(shape), x, scale.to(acc).reshape(shape), out=out)
     if act:
         F.silu(out, inplace=True)
     return out
