@@ -317,6 +317,10 @@ def with_refiners(pipe, device: torch.device, dtype: torch.dtype, smoke: bool, s
     with torch.device(device):
         nets = {"refiner_512": SDFRefiner(SDFRefinerConfig(feature_channels=feat, **small)),
                 "refiner_1024": SignRefiner(SignRefinerConfig(**small))}
+    sys.path.insert(0, HERE)
+    from refiners import sharpen_sign_refiner
+
+    sharpen_sign_refiner(nets["refiner_1024"].eval())  # random signs are noise: the lean 1024 field would not be lean
     return ImageTo3DPipeline({**pipe.models, **nets}, pipe.samplers, pipe.settings, device=pipe.device,
                              dtype=dtype, low_vram=False, component_configs=pipe.component_configs,
                              encoder_config=pipe.encoder_config)

@@ -92,6 +92,29 @@ def sphere_band(R: int, device, radius_frac: float = 0.38, width: float = 2.0, c
     return coords, sdf, feats
 
 
+@torch.no_grad()
+def sharpen_sign_refiner(net, margin: float = 3.0, patch: int | None = None) -> tuple[float, float]:
+    """Random sign-refiner weights give logits within ~1e-3 of 0: its sign field is noise (every 512 cell changes
+    sign, so the lean field is not lean and the 1024 mesh is enormous), which no trained network gives. Scales
+    ``conv_out`` in place so that the logits of a sphere-band patch have std ``margin`` and sit at ``+margin``
+    (outside) far from the band: the network's structure stays near the band. Returns (scale, new bias)."""
+    p = patch or int(net.patch_size)
+    w = net.conv_out.weight
+    ax = torch.arange(p, device=w.device, dtype=torch.float32)
+    g = torch.stack(torch.meshgrid(ax, ax, ax, indexing="ij"), 0)
+    d = (g - (p - 1) / 2 + 0.3).norm(dim=0) - 0.35 * p
+    band = d.abs() < 2
+    x = torch.ones(1, 1, p, p, p, device=w.device)
+    x[0, 0][band] = (d[band] / 2).clamp(-1, 1)
+    prob = net(x.to(w.dtype)).double().clamp(1e-12, 1 - 1e-12)[0, 0]
+    signal = torch.log(prob / (1 - prob)) - float(net.conv_out.bias.double().sum())
+    k = margin / max(float(signal.std()), 1e-12)
+    bias = margin - k * float(signal[~band].median())
+    w.mul_(k)
+    net.conv_out.bias.fill_(bias)
+    return k, bias
+
+
 def sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()

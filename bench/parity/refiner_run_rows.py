@@ -140,9 +140,11 @@ def run_row(name: str, theirs, ours, coords: torch.Tensor, sdf: torch.Tensor, fe
     del cap
     with torch.inference_mode():
         if f is not None:
-            fields, t_ours, m_ours = _timed(lambda: refine_sdf_512(ours, c4, s, f, resolution=vol.shape[0]), dev)
+            fields, t_ours, m_ours = _timed(lambda: refine_sdf_512(ours, c4, s, f, resolution=vol.shape[0],
+                                                                   level=level), dev)
         else:
-            fields, t_ours, m_ours = _timed(lambda: refine_signs_1024(ours, c4, s, resolution=vol.shape[0]), dev)
+            fields, t_ours, m_ours = _timed(lambda: refine_signs_1024(ours, c4, s, resolution=vol.shape[0],
+                                                                      level=level), dev)
     extra = {"resolution": int(vol.shape[0]), "band_voxels": int(len(coords)), "explicit_voxels":
              int(len(fields[0].coords)), "seconds_theirs": t_theirs, "seconds_ours": t_ours,
              "peak_gib_theirs": m_theirs, "peak_gib_ours": m_ours, "level": level, "level_note": level_note}
@@ -168,11 +170,21 @@ def run_row(name: str, theirs, ours, coords: torch.Tensor, sdf: torch.Tensor, fe
             extra["sign_flips_off_band"] = flips
             del signs
     extra.update(_mesh_stats(field, meshes[0]))
+    # marching-cubes semantics alone: d3s2's lean form of THEIR dense grid through d3s2's sparse Lewiner gives their
+    # mesh (no network rounding involved; the network's own mesh above can differ where a voxel sits within fp32
+    # rounding of the level)
+    from d3s2.geometry.refine import field_from_grid
+
+    own = _mesh_stats(field_from_grid(torch.from_numpy(vol), level), meshes[0])
+    extra.update({f"their_grid_{k}": v for k, v in own.items()})
+    vt = torch.from_numpy(vol)
+    extra["voxels_near_level"] = int(((vt - level).abs() < 1e-5 * max(1.0, float(vt.abs().max()))).sum())
+    del vt
     r = row(f"{name} ({'SDF 512, level 0.4' if f is not None else 'signs 1024, level 0.2'}): whole run", err,
             dtype, dev, **extra)
     r["row_id"] = name
     if dtype == torch.float32:
-        r["ok"] = bool(r["ok"] and extra["mesh_ok"] and extra.get("sign_flips_off_band", 0) == 0)
+        r["ok"] = bool(r["ok"] and extra["their_grid_mesh_ok"] and extra.get("sign_flips_off_band", 0) == 0)
     return r
 
 
@@ -186,36 +198,50 @@ def build_pair(key: str, which: str, seed: int, dtype: torch.dtype, dev: torch.d
     theirs = get_class(target)(**{**p, "use_fp16": dtype == torch.float16})
     sd = random_state_dict(get_class(target)(**{**p, "use_fp16": False}), seed)
     note = None
-    if which == "refiner_1024":
-        sd, note = sharpen_sign_weights(sd, which, dev)
+    sd, note = (sharpen_sign_weights if which == "refiner_1024" else sharpen_sdf_weights)(sd, which, dev)
     theirs.load_state_dict(sd, strict=True)
     ours = load_refiner_checkpoint({"refiner": sd}, which).to(dev, dtype).eval()
     return theirs.eval().to(dev), ours, note
 
 
-def sharpen_sign_weights(sd: dict, which: str, dev: torch.device, patch: int | None = None) -> tuple[dict, dict]:
+def sharpen_sign_weights(sd: dict, which: str, dev: torch.device) -> tuple[dict, dict]:
     """Random weights give logits within ~1e-3 of 0 (sigmoid ~0.5 everywhere): the whole-run sign field would be
-    noise, its 1024^3 mesh enormous and fp32 rounding would flip signs. Scale ``conv_out`` (same weights into both
-    sides) so that the logits of a band patch have std 3 and far from the band sit at +3 (outside): the field keeps
-    the network's structure near the band and is decided elsewhere."""
+    noise, its 1024^3 mesh enormous and fp32 rounding would flip signs. ``conv_out`` is scaled as
+    ``bench/refiners.sharpen_sign_refiner`` does (same weights into both sides)."""
+    from d3s2.models.refiner import load_refiner_checkpoint
+
+    sys.path.insert(0, str(HERE.parent))
+    from refiners import sharpen_sign_refiner
+
+    net = load_refiner_checkpoint({"refiner": sd}, which).to(dev).eval()
+    k, bias = sharpen_sign_refiner(net)
+    del net
+    sd = dict(sd)
+    sd["conv_out.weight"] = sd["conv_out.weight"] * k
+    sd["conv_out.bias"] = torch.full_like(sd["conv_out.bias"], bias)
+    return sd, {"conv_out_scale": k, "conv_out_bias": bias}
+
+
+def sharpen_sdf_weights(sd: dict, which: str, dev: torch.device, target: float = 0.6,
+                        patch: int | None = None) -> tuple[dict, dict]:
+    """The random 512 refiner's three L1-normalised filters shrink its output to ~1e-4: a flat field that crosses
+    no level (or crosses 0 everywhere in noise). Its output is linear in ``conv_out`` (the third filter's taps come
+    from the features before it), so ``conv_out`` is scaled to give a band patch's output a spread of ``target``."""
     from d3s2.models.refiner import load_refiner_checkpoint
     from refiner_rows import band_patch
 
     net = load_refiner_checkpoint({"refiner": sd}, which).to(dev).eval()
-    x, _, _ = band_patch(patch or net.config.patch_size, 0)
+    x, feats, _ = band_patch(patch or net.config.patch_size, net.feature_channels)
+    band = x[0, 0] < 1
     with torch.inference_mode():
-        p = net(x.to(dev)).double().clamp(1e-12, 1 - 1e-12)
-    logit = torch.log(p / (1 - p))[0, 0]
-    band = (x[0, 0] < 1).to(dev)
-    bias = float(sd["conv_out.bias"].double().sum())
-    signal = logit - bias
-    k = 3.0 / max(float(signal.std()), 1e-12)
-    far = float(signal[~band].median())
+        out = net(x.to(dev), feats.to(dev))[0, 0].cpu()
+    v = torch.atanh(out[band].double().clamp(-0.999, 0.999))
+    del net
+    k = target / max(float(v.std()), 1e-12)
     sd = dict(sd)
     sd["conv_out.weight"] = sd["conv_out.weight"] * k
-    sd["conv_out.bias"] = torch.full_like(sd["conv_out.bias"], 3.0 - k * far)
-    del net
-    return sd, {"conv_out_scale": k, "conv_out_bias": 3.0 - k * far}
+    sd["conv_out.bias"] = sd["conv_out.bias"] * k
+    return sd, {"conv_out_scale": k}
 
 
 class _SmokeRun:

@@ -28,7 +28,7 @@ import torch
 from d3s2.errors import D3S2Error
 from d3s2.geometry.refine_reference import STEPS, net_dtype, net_patch
 
-__all__ = ["RefinedField", "SideBits", "refine_sdf_512", "refine_signs_1024", "refined_sdf_grid", "refined_sign_grid",
+__all__ = ["RefinedField", "SideBits", "field_from_grid", "refine_sdf_512", "refine_signs_1024", "refined_sdf_grid", "refined_sign_grid",
            "LEVEL_512", "LEVEL_1024"]
 
 LEVEL_512 = 0.4  # the release's pipeline: mc_threshold * 2 with its default 0.2
@@ -319,17 +319,19 @@ def refine_sdf_512(net, coords: torch.Tensor, sdf: torch.Tensor, features: torch
     default max batch index + 1), on the input's device."""
     grid = refined_sdf_grid(net, coords, sdf, features, resolution=resolution, batch_size=batch_size,
                             progress=progress)
-    fields = []
-    for b in range(grid.shape[0]):
-        with torch.inference_mode():
-            f = grid[b, 0]
-            t = _level_below(float(level), f.dtype)
-            vox = _cell_corners_mask(_straddling_cells(f, t))
-            pts = torch.nonzero(vox)
-            fields.append(RefinedField(pts, f[vox], resolution, float(level), SideBits(f > t), 1,
-                                       float(level) + 1.0, float(level) - 1.0))
-        del vox
-    return fields
+    return [field_from_grid(grid[b, 0], level) for b in range(grid.shape[0])]
+
+
+@torch.inference_mode()
+def field_from_grid(grid: torch.Tensor, level: float) -> RefinedField:
+    """The lean ``RefinedField`` of a dense ``[R, R, R]`` field for marching cubes at ``level``: explicit voxels at
+    the corners of every cell straddling the level, the side of every other voxel (the 512 refiner's output form;
+    also how the parity harness meshes the release's own dense grid with d3s2's sparse marching cubes)."""
+    t = _level_below(float(level), grid.dtype)
+    vox = _cell_corners_mask(_straddling_cells(grid, t))
+    pts = torch.nonzero(vox)
+    return RefinedField(pts, grid[vox], grid.shape[0], float(level), SideBits(grid > t), 1,
+                        float(level) + 1.0, float(level) - 1.0)
 
 
 @torch.inference_mode()
