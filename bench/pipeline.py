@@ -491,11 +491,12 @@ def _main(argv: list[str] | None) -> int:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
-        mesh = p(image, generator=torch.Generator().manual_seed(args.seed), resolution=res, **kw)[0]
+        out = p(image, generator=torch.Generator().manual_seed(args.seed), resolution=res, **kw)
+        mesh = out.meshes[0]
         wall = time.perf_counter() - t
         run = {"label": label, "resolution": res, "low_vram": p.low_vram, "wall_seconds": wall,
-               "total_seconds": p.last_stats[-1]["seconds"], "stages": p.last_stats,
-               "peak_gpu_gb": (p.last_stats[-1]["peak_gpu_bytes"] or 0) / 1e9 if device.type == "cuda" else None,
+               "total_seconds": out.stats[-1]["seconds"], "stages": out.stats,
+               "peak_gpu_gb": (out.stats[-1]["peak_gpu_bytes"] or 0) / 1e9 if device.type == "cuda" else None,
                "peak_reserved_gb": torch.cuda.max_memory_reserved() / 1e9 if device.type == "cuda" else None,
                "mesh_vertices": len(mesh.vertices), "mesh_faces": len(mesh.faces),
                "mesh_extent": (np.asarray(mesh.vertices).max(0) - np.asarray(mesh.vertices).min(0)).tolist(),

@@ -236,3 +236,33 @@ def test_sampler_config_defaults_and_overrides():
     over = pipe.sampler_config("ss_dit_512", steps=4, cfg=1.5)
     assert (over.steps, over.cfg_scale, over.shift) == (4, 1.5, 3.0)
     assert pipe.sampler_config("ss_dit_1024").steps == 15  # no 1024 stage: the release's default
+
+
+def test_public_api_and_typed_output():
+    """``from d3s2 import ImageTo3DPipeline`` (lazy: ``import d3s2`` alone imports no torch); a call returns an
+    ImageTo3DOutput that indexes / iterates like the old list, with the stats and the user-facing notes."""
+    import subprocess
+    import sys
+    import warnings
+
+    import d3s2
+    from d3s2 import ImageTo3DOutput
+    from d3s2 import ImageTo3DPipeline as Public
+
+    assert Public is ImageTo3DPipeline and d3s2.load_release.__module__ == "d3s2.pipelines.official"
+    code = "import sys, d3s2; assert 'torch' not in sys.modules, 'import d3s2 imported torch'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    def remover(img):  # a background remover that warns the user, as the border-colour fallback does
+        warnings.warn("the mask is a guess")
+        return (np.asarray(img).max(-1) > 0).astype(np.uint8) * 255
+
+    pipe = _centre_decoder_output(ImageTo3DPipeline.from_config("pipeline_tiny", seed=1, background_remover=remover))
+    with pytest.warns(UserWarning, match="the mask is a guess"):  # still emitted as a warning
+        out = pipe(_square_image()[..., :3], generator=torch.Generator().manual_seed(3), progress=False)
+    assert isinstance(out, ImageTo3DOutput) and len(out) == 1 and out[0] is out.meshes[0]
+    assert list(out) == out.meshes and out.stats is pipe.last_stats and out.stats[-1]["stage"] == "total"
+    assert out.notes == ["the mask is a guess"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet = pipe(_square_image(), generator=torch.Generator().manual_seed(3), progress=False)
+    assert quiet.notes == []

@@ -118,14 +118,14 @@ def run_generate(args: argparse.Namespace) -> int:
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                meshes = pipe(image, generator=torch.Generator().manual_seed(args.seed), resolution=args.resolution,
+                out = pipe(image, generator=torch.Generator().manual_seed(args.seed), resolution=args.resolution,
                               num_inference_steps=steps, guidance_scale=args.cfg, faces=args.faces,
                               progress=not args.no_progress)
-            save_mesh(meshes[0], target, args.format)
+            save_mesh(out.meshes[0], target, args.format)
             if args.preview:
                 from d3s2.pipelines.preview import write_preview
 
-                write_preview(preview, image, meshes[0], device=str(pipe.device))
+                write_preview(preview, image, out.meshes[0], device=str(pipe.device))
         except D3S2Error as exc:
             failed += 1
             _print_warnings(caught)
@@ -138,12 +138,12 @@ def run_generate(args: argparse.Namespace) -> int:
             print(f"d3s2 generate: error: {image}: unexpected {type(exc).__name__}: {msg}", file=sys.stderr)
             continue
         _print_warnings(caught)
-        m = meshes[0]
+        m = out.meshes[0]
         extra = f" + {os.fspath(preview)}" if args.preview else ""
         report = m.metadata.get("d3s2_report")
         shape = f"; {MeshReport(**report).summary()}" if report else ""
         print(f"{image} -> {os.fspath(target)}{extra} ({len(m.vertices)} vertices, {len(m.faces)} faces{shape}): "
-              f"{format_stats(pipe.last_stats)}")
+              f"{format_stats(out.stats)}")
     if failed:
         print(f"d3s2 generate: {failed} of {len(images)} image(s) failed", file=sys.stderr)
         return 1

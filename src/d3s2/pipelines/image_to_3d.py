@@ -1,6 +1,7 @@
 """Image-to-3D inference pipeline (paper Sec. 4.3 / 5.2; recipe of shared/reference/official-release.md).
 
-Stages, each timed (seconds and peak GPU memory) in :attr:`ImageTo3DPipeline.last_stats`:
+A call returns an :class:`~d3s2.pipelines.output_types.ImageTo3DOutput` (meshes, stats, notes). Stages, each timed
+(seconds and peak GPU memory) in its ``stats`` (also kept as :attr:`ImageTo3DPipeline.last_stats`):
 
 1. ``preprocess``: :func:`d3s2.pipelines.preprocess.preprocess_image` (RGB + mask at the encoder's image size).
 2. ``condition``: DINOv2 tokens; sparse conditioning (Eq. 9) for SS-DiTs with ``sparse_conditioning`` (v1.0), dense
@@ -44,8 +45,10 @@ import contextlib
 import dataclasses
 import os
 import shutil
+import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -56,8 +59,9 @@ import yaml
 
 from d3s2.config import MODEL_REGISTRY, from_dict, load_yaml, resolve_config_path
 from d3s2.errors import D3S2Error
+from d3s2.pipelines.output_types import ImageTo3DOutput
 
-__all__ = ["PipelineSettings", "ImageTo3DPipeline", "decode_sparse_chunked", "latent_shell_coords",
+__all__ = ["PipelineSettings", "ImageTo3DPipeline", "ImageTo3DOutput", "decode_sparse_chunked", "latent_shell_coords",
            "latent_band_coords", "COMPONENTS", "OPTIONAL_COMPONENTS", "STAGE_1024_COMPONENTS", "FORMAT_TAG"]
 
 FORMAT_TAG = "d3s2-pipeline/1"
@@ -258,6 +262,18 @@ def decode_sparse_chunked(vae, z, chunk: int | None = None, halo: int = 3, retur
     return (decoded, torch.cat(last)) if return_features else decoded
 
 
+def _reemit(caught: list) -> None:
+    """Emit recorded warnings again, from where they were raised, under the caller's warning filters."""
+    for w in caught:
+        module = registry = None
+        for mod in list(sys.modules.values()):
+            if getattr(mod, "__file__", None) == w.filename:
+                module, registry = mod.__name__, mod.__dict__.setdefault("__warningregistry__", {})
+                break
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, module=module, registry=registry,
+                               source=w.source)
+
+
 class _Bar:
     """A tqdm bar per stage that counts sampling steps (``sample_euler``'s ``step_callback``)."""
 
@@ -278,7 +294,8 @@ class _Bar:
 
 
 class ImageTo3DPipeline:
-    """Image(s) -> list of ``trimesh.Trimesh`` (see module docstring).
+    """Image(s) -> :class:`~d3s2.pipelines.output_types.ImageTo3DOutput` (one ``trimesh.Trimesh`` per image; see
+    the module docstring).
 
     ``models``: dict with the modules named in :data:`COMPONENTS` (and optionally :data:`OPTIONAL_COMPONENTS`);
     ``samplers``: per DiT component a :class:`~d3s2.flow.SamplerConfig` (steps / cfg / shift defaults).
@@ -792,12 +809,14 @@ class ImageTo3DPipeline:
         return torch.cat(parts)
 
     # ------------------------------------------------------------------ call
-    @torch.no_grad()
-    def __call__(self, image, generator: torch.Generator | None = None, resolution: int = 512,
-                 num_inference_steps: dict | int | None = None, guidance_scale: dict | float | None = None,
-                 shift: dict | float | None = None, faces: int | None = None, progress: bool = True,
-                 structure_coords: torch.Tensor | None = None, hooks: dict[str, Callable] | None = None) -> list:
-        """Generate one mesh per image.
+    def __call__(self, image: Any, generator: torch.Generator | None = None, resolution: int = 512,
+                 num_inference_steps: dict[str, int | None] | int | None = None,
+                 guidance_scale: dict[str, float | None] | float | None = None,
+                 shift: dict[str, float | None] | float | None = None, faces: int | None = None,
+                 progress: bool = True, structure_coords: torch.Tensor | None = None,
+                 hooks: dict[str, Callable] | None = None) -> ImageTo3DOutput:
+        """Generate one mesh per image: an :class:`~d3s2.pipelines.output_types.ImageTo3DOutput` (``meshes``,
+        ``stats``, ``notes``; indexing / iterating it gives the meshes, as the list returned before).
 
         ``image``: a path, PIL image, array or a list of them. ``resolution``: 512 (first sparse stage) or 1024 (adds
         the refinement stage; needs its models). For the tiny configs these name the stages, whose grids are
@@ -814,8 +833,27 @@ class ImageTo3DPipeline:
         run (:class:`~d3s2.geometry.refine.RefinedField` per sample; random refiner weights give no shape);
         ``"noise"``: ``fn("dense", shape)`` / ``fn("512" | "1024",
         coords [N, 4])`` -> the initial noise (the parity harness injects the same noise into the authors' pipeline).
-        Per-stage seconds and peak GPU bytes (and ``parts``): :attr:`last_stats` and each mesh's
-        ``metadata["d3s2_stats"]``."""
+        Per-stage seconds and peak GPU bytes (and ``parts``): the output's ``stats`` (also :attr:`last_stats`) and
+        each mesh's ``metadata["d3s2_stats"]``. User-facing warnings of the run (:class:`UserWarning`, e.g. an image
+        without alpha channel) are the output's ``notes``; they are still emitted as warnings, after the run."""
+        caught: list = []
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                meshes = self._generate(image, generator, resolution, num_inference_steps, guidance_scale, shift,
+                                        faces, progress, structure_coords, hooks)
+        finally:
+            _reemit(caught)
+        notes: list[str] = []
+        for w in caught:
+            text = str(w.message)
+            if issubclass(w.category, UserWarning) and text not in notes:
+                notes.append(text)
+        return ImageTo3DOutput(meshes, self.last_stats, notes)
+
+    @torch.no_grad()
+    def _generate(self, image, generator, resolution, num_inference_steps, guidance_scale, shift, faces, progress,
+                  structure_coords, hooks) -> list:
         images = list(image) if isinstance(image, (list, tuple)) else [image]
         if not images:
             raise D3S2Error("no images given")
