@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from d3s2.pipelines.image_to_3d import ImageTo3DPipeline
 
     pipe = ImageTo3DPipeline.from_config("demo_pipeline", device="cpu")
-    factor = pipe.models["ss_vae_512"].cfg.downsample_factor
+    factor = pipe.models["ss_vae_512"].config.downsample_factor
     with open(os.path.join(REPO, "src", "d3s2", "assets", "examples", "examples.json")) as fh:
         items = list(json.load(fh)["examples"].values())
     images, shells = [], []

@@ -92,7 +92,7 @@ def test_demo_model_and_training_configs_load():
     with torch.device("meta"):
         vae = build_model("demo_ss_vae")
     structure = load_model_config("demo_dense_vae").params.resolution
-    assert structure == 32 and structure * vae.cfg.downsample_factor == 128
+    assert structure == 32 and structure * vae.config.downsample_factor == 128
     assert load_model_config("demo_ss_dit").params.resolution == structure
     assert load_model_config("demo_ss_dit").params.ssa_mode == "ssa"
     assert 128 in load_train_config("demo_train_ss_dit")[0].data.resolutions

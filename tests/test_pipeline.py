@@ -153,7 +153,8 @@ def test_chunked_decoding_matches_one_shot():
     with torch.no_grad():
         full2, feat_full = vae.decode(z, return_features=True)
         chunk2, feat_chunk = decode_sparse_chunked(vae, z, chunk=4, return_features=True)
-    assert torch.equal(full2.feats, full.feats) and feat_full.shape == (full.num_voxels, vae.cfg.decoder_channels[-1])
+    assert torch.equal(full2.feats, full.feats)
+    assert feat_full.shape == (full.num_voxels, vae.config.decoder_channels[-1])
     assert feat_chunk.shape == feat_full.shape and feat_full.abs().max() > 0
     torch.testing.assert_close(by_key(chunk2.replace(feat_chunk))[1], by_key(full2.replace(feat_full))[1],
                                rtol=1e-5, atol=1e-5)
@@ -233,7 +234,7 @@ def test_sampler_config_defaults_and_overrides():
     pipe = ImageTo3DPipeline.from_config("demo_pipeline", seed=0)
     base = pipe.sampler_config("ss_dit_512")
     assert (base.steps, base.cfg_scale, base.shift) == (25, 3.0, 3.0)  # demo_pipeline.yaml's sampler section
-    over = pipe.sampler_config("ss_dit_512", steps=4, cfg=1.5)
+    over = pipe.sampler_config("ss_dit_512", steps=4, guidance_scale=1.5)
     assert (over.steps, over.cfg_scale, over.shift) == (4, 1.5, 3.0)
     assert pipe.sampler_config("ss_dit_1024").steps == 15  # no 1024 stage: the release's default
 

@@ -208,9 +208,9 @@ class SSVAE(nn.Module):
 
     config_class = SSVAEConfig
 
-    def __init__(self, cfg: SSVAEConfig | None = None) -> None:
+    def __init__(self, config: SSVAEConfig | None = None) -> None:
         super().__init__()
-        self.cfg = cfg = cfg or SSVAEConfig()
+        self.config = cfg = config or SSVAEConfig()
         self.encoder = SSVAEEncoder(cfg)
         self.decoder = SSVAEDecoder(cfg)
 
@@ -221,7 +221,7 @@ class SSVAE(nn.Module):
             raise D3S2Error("SS-VAE: the input has no voxels (an empty SDF band); check the mesh and tau")
         moments = self.encoder(x)
         mean, logvar = moments.feats.float().chunk(2, dim=1)
-        logvar = logvar.clamp(self.cfg.logvar_min, self.cfg.logvar_max)
+        logvar = logvar.clamp(self.config.logvar_min, self.config.logvar_max)
         z = mean
         if sample_posterior:
             eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
@@ -239,7 +239,7 @@ class SSVAE(nn.Module):
         z, mean, logvar = self.encode(x, sample_posterior, generator)
         targets: list[torch.Tensor] = []
         keep = None
-        if self.cfg.prune_children and self.training:
+        if self.config.prune_children and self.training:
             ref = (target if target is not None else x).coords
             levels = len(self.decoder.upsample)
 
@@ -256,7 +256,7 @@ class SSVAE(nn.Module):
                         ) -> dict[str, torch.Tensor]:
         """Eq. 2-3 on one batch: ``{"total", "in", "ext", "sharp", "kl"(, "prune")}`` (see ss_vae_losses)."""
         out = self(x, sample_posterior=True, target=target, generator=generator)
-        return ss_vae_losses(out.decoded, x, out.mean, out.logvar, self.cfg.loss_weights(), sharp=sharp,
+        return ss_vae_losses(out.decoded, x, out.mean, out.logvar, self.config.loss_weights(), sharp=sharp,
                              target=target, prune_logits=out.prune_logits or None,
                              prune_targets=out.prune_targets or None)
 

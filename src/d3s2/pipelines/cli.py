@@ -24,6 +24,14 @@ from d3s2.geometry.report import MeshReport
 __all__ = ["add_parser", "run_generate", "format_stats"]
 
 
+class _GuidanceFlag(argparse.Action):
+    """Stores the guidance scale and which of ``--guidance-scale`` / ``--cfg`` gave it (named in error messages)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.guidance_flag = option_string
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="image(s) to 3D mesh(es)",
                        description="Generate a mesh per image with the Direct3D-S2 pipeline (structure, 512 and "
@@ -52,7 +60,10 @@ def add_parser(sub) -> None:
     p.add_argument("--steps-dense", type=int, default=None, help="structure-stage steps (release: 50)")
     p.add_argument("--steps-512", type=int, default=None, help="512-stage steps (release: 30)")
     p.add_argument("--steps-1024", type=int, default=None, help="1024-stage steps (release: 15)")
-    p.add_argument("--cfg", type=float, default=None, help="guidance scale for every stage (release: 7.0)")
+    p.add_argument("--guidance-scale", type=float, default=None, dest="guidance_scale", action=_GuidanceFlag,
+                   help="classifier-free guidance scale for every stage (release: 7.0)")
+    p.add_argument("--cfg", type=float, dest="guidance_scale", action=_GuidanceFlag,
+                   help=argparse.SUPPRESS)  # the flag's former name, still accepted
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--low-vram", action="store_true", help="keep each model on the GPU only for its stage")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -119,7 +130,7 @@ def run_generate(args: argparse.Namespace) -> int:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 out = pipe(image, generator=torch.Generator().manual_seed(args.seed), resolution=args.resolution,
-                              num_inference_steps=steps, guidance_scale=args.cfg, faces=args.faces,
+                              num_inference_steps=steps, guidance_scale=args.guidance_scale, faces=args.faces,
                               progress=not args.no_progress)
             save_mesh(out.meshes[0], target, args.format)
             if args.preview:

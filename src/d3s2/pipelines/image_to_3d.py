@@ -380,7 +380,7 @@ class ImageTo3DPipeline:
         for s in ("512", "1024"):
             if f"ss_dit_{s}" not in m:
                 continue
-            dit, vae = m[f"ss_dit_{s}"].config, m[f"ss_vae_{s}"].cfg
+            dit, vae = m[f"ss_dit_{s}"].config, m[f"ss_vae_{s}"].config
             if dit.cond_channels != enc_c:
                 raise D3S2Error(f"ss_dit_{s}.cond_channels {dit.cond_channels} != image encoder width {enc_c}")
             if dit.in_channels != vae.latent_channels:
@@ -390,7 +390,7 @@ class ImageTo3DPipeline:
     @property
     def resolution_512(self) -> int:
         """Voxel grid of the first sparse stage (512 for the release; smaller for the tiny configs)."""
-        return self.models["dense_vae"].config.resolution * self.models["ss_vae_512"].cfg.downsample_factor
+        return self.models["dense_vae"].config.resolution * self.models["ss_vae_512"].config.downsample_factor
 
     @property
     def resolution_1024(self) -> int | None:
@@ -499,7 +499,7 @@ class ImageTo3DPipeline:
             if name not in self.models:
                 continue
             m = self.models[name]
-            params = m.config if hasattr(m, "config") and dataclasses.is_dataclass(m.config) else m.cfg
+            params = m.config
             entry = {"model": _KIND[name], "params": dataclasses.asdict(params)}
             if self.samplers.get(name) is not None:
                 entry["sampler"] = dataclasses.asdict(self.samplers[name])
@@ -611,7 +611,7 @@ class ImageTo3DPipeline:
         stats.append(entry)
         return out
 
-    def sampler_config(self, name: str, steps: int | None = None, cfg: float | None = None,
+    def sampler_config(self, name: str, steps: int | None = None, guidance_scale: float | None = None,
                        shift: float | None = None):
         """The sampler settings of stage ``name`` (``dense_dit``, ``ss_dit_512``, ``ss_dit_1024``): the pipeline's
         config (else the release's 50 / 30 / 15 steps, CFG 7, shift 6 / 6 / 8), overridden where a value is given."""
@@ -620,29 +620,30 @@ class ImageTo3DPipeline:
         defaults = {"dense_dit": (50, 6.0), "ss_dit_512": (30, 6.0), "ss_dit_1024": (15, 8.0)}[name]
         base = self.samplers.get(name) or SamplerConfig(steps=defaults[0], cfg_scale=7.0, shift=defaults[1])
         return dataclasses.replace(base, steps=steps if steps is not None else base.steps,
-                                   cfg_scale=cfg if cfg is not None else base.cfg_scale,
+                                   cfg_scale=guidance_scale if guidance_scale is not None else base.cfg_scale,
                                    shift=shift if shift is not None else base.shift)
 
     def _randn(self, shape, generator, dtype=torch.float32) -> torch.Tensor:
         # Noise is drawn on the CPU so that a seed gives the same result on any device.
         return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device, dtype)
 
-    def _sample(self, name, model, noise, cond, uncond, cfg, kwargs, progress, desc):
+    def _sample(self, name, model, noise, cond, uncond, sc, kwargs, progress, desc):
+        """Euler sampling of one stage with the stage's sampler settings ``sc`` (a SamplerConfig)."""
         from d3s2.flow.latents import is_sparse
         from d3s2.flow.sampler import is_guided, sample_euler
 
-        guided = is_guided(cfg.cfg_scale)
+        guided = is_guided(sc.cfg_scale)
         batch_cfg = self.settings.batch_cfg
         if batch_cfg is None:
             batch_cfg = self.device.type == "cuda" or not is_sparse(noise)
         graphs = self.settings.cuda_graphs
         if graphs is None:
             graphs = self.device.type == "cuda"
-        bar = _Bar(cfg.steps, desc, progress)
+        bar = _Bar(sc.steps, desc, progress)
         try:
-            return sample_euler(model, noise, cond, uncond if guided else None, steps=cfg.steps,
-                                cfg_scale=cfg.cfg_scale, shift=cfg.shift, t_scale=cfg.t_scale, batch_cfg=batch_cfg,
-                                model_kwargs=kwargs, schedule=cfg.schedule, state_dtype=cfg.state_dtype,
+            return sample_euler(model, noise, cond, uncond if guided else None, steps=sc.steps,
+                                guidance_scale=sc.cfg_scale, shift=sc.shift, t_scale=sc.t_scale, batch_cfg=batch_cfg,
+                                model_kwargs=kwargs, schedule=sc.schedule, state_dtype=sc.state_dtype,
                                 model_dtype=self.dtype, cuda_graphs=graphs and is_sparse(noise), step_callback=bar)
         finally:
             bar.close()
@@ -673,7 +674,8 @@ class ImageTo3DPipeline:
         return out
 
     @torch.no_grad()
-    def _structure(self, cond, generator, steps, cfg, shift, progress, hook=None, noise_hook=None) -> torch.Tensor:
+    def _structure(self, cond, generator, steps, guidance_scale, shift, progress, hook=None,
+                   noise_hook=None) -> torch.Tensor:
         from d3s2.models.dense_vae import occupancy_to_coords
 
         dit_cfg = self.models["dense_dit"].config
@@ -682,7 +684,7 @@ class ImageTo3DPipeline:
         shape = (b, dit_cfg.in_channels, r, r, r)
         noise = (self._randn(shape, generator) if noise_hook is None  # fp32 latent, cast inside the model
                  else torch.as_tensor(noise_hook("dense", shape)).to(self.device, torch.float32))
-        sc = self.sampler_config("dense_dit", steps, cfg, shift)
+        sc = self.sampler_config("dense_dit", steps, guidance_scale, shift)
         with self._use("dense_dit") as (dit,):
             tokens = cond["dense"].to(self.dtype)
             with self._part("dit"):
@@ -704,7 +706,7 @@ class ImageTo3DPipeline:
         return coords
 
     @torch.no_grad()
-    def _sparse(self, stage: str, coords: torch.Tensor, b: int, cond, generator, steps, cfg, shift, progress,
+    def _sparse(self, stage: str, coords: torch.Tensor, b: int, cond, generator, steps, guidance_scale, shift, progress,
                 chunk: int | None, hook=None, noise_hook=None, features: bool = False):
         """SS-DiT sampling + SS-VAE decoding of one sparse stage: the decoded SparseTensor, or with ``features``
         a pair ``(decoded, decoder features)`` (the 512 SDF refiner's input)."""
@@ -716,7 +718,7 @@ class ImageTo3DPipeline:
         noise = (self._randn((coords.shape[0], dit_cfg.in_channels), generator) if noise_hook is None  # fp32 latent
                  else torch.as_tensor(noise_hook(stage, coords)).to(self.device, torch.float32))
         x = SparseTensor(noise, coords, batch_size=b)
-        sc = self.sampler_config(dit_name, steps, cfg, shift)
+        sc = self.sampler_config(dit_name, steps, guidance_scale, shift)
         if stage in cond:  # sparse conditioning (v1.0)
             sparse = cond[stage]
             tokens = sparse.tokens.to(self.dtype)
@@ -790,7 +792,7 @@ class ImageTo3DPipeline:
         CUDA with warp-lang, libigl on the CPU; ``settings.band`` picks d3s2's or the release's rule)."""
         from d3s2.pipelines.token_band import RELEASE_BAND_VOXELS, release_band_mesh
 
-        factor = self.models["ss_vae_1024"].cfg.downsample_factor
+        factor = self.models["ss_vae_1024"].config.downsample_factor
         release = self.settings.band == "release"
         parts = []
         for i, mesh in enumerate(meshes):

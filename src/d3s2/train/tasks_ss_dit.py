@@ -141,8 +141,8 @@ class SSDiTTask(Task):
                 raise D3S2Error("task ss_dit with latents: vae needs task_args.vae (model config) and "
                                 "task_args.vae_checkpoint (trained SS-VAE weights); or use latents: files")
             self.vae = load_frozen_ss_vae(a["vae"], a["vae_checkpoint"], device)
-            if self.vae.cfg.latent_channels != p.in_channels:
-                raise D3S2Error(f"the SS-VAE latent has {self.vae.cfg.latent_channels} channels but the SS-DiT "
+            if self.vae.config.latent_channels != p.in_channels:
+                raise D3S2Error(f"the SS-VAE latent has {self.vae.config.latent_channels} channels but the SS-DiT "
                                 f"expects in_channels {p.in_channels}")
         choice = setup_image_encoder(a, p.cond_channels, device, "ss_dit")
         self.enc_cfg, self.frozen_encoder = choice.config, choice.frozen
