@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from d3s2.errors import D3S2Error
-from d3s2.pipelines.image_to_3d import ImageTo3DPipeline, decode_sparse_chunked, latent_shell_coords
+from d3s2.pipelines.image_to_3d import ImageTo3DPipeline, latent_shell_coords
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny CPU runs: 1 thread is faster on a busy machine
@@ -132,7 +132,7 @@ def test_chunked_decoding_matches_one_shot():
     z = SparseTensor(torch.randn(len(coords), 8, generator=g), coords, batch_size=2)
     with torch.no_grad():
         full = vae.decode(z)
-        chunked = decode_sparse_chunked(vae, z, chunk=4)
+        chunked = vae.decode(z, chunk=4)
     assert chunked.num_voxels == full.num_voxels
 
     def by_key(x):
@@ -147,12 +147,12 @@ def test_chunked_decoding_matches_one_shot():
     torch.testing.assert_close(fc, ff, rtol=1e-5, atol=1e-5)
     # without the halo the chunk borders differ: the halo is what makes it exact
     with torch.no_grad():
-        no_halo = decode_sparse_chunked(vae, z, chunk=4, halo=0)
+        no_halo = vae.decode(z, chunk=4, halo=0)
     assert not torch.allclose(by_key(no_halo)[1], ff, atol=1e-5)
     # the decoder's last features (the 512 refiner's input), row for row with the decoded voxels, chunked or not
     with torch.no_grad():
         full2, feat_full = vae.decode(z, return_features=True)
-        chunk2, feat_chunk = decode_sparse_chunked(vae, z, chunk=4, return_features=True)
+        chunk2, feat_chunk = vae.decode(z, chunk=4, return_features=True)
     assert torch.equal(full2.feats, full.feats)
     assert feat_full.shape == (full.num_voxels, vae.config.decoder_channels[-1])
     assert feat_chunk.shape == feat_full.shape and feat_full.abs().max() > 0

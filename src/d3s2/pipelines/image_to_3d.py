@@ -12,7 +12,7 @@ A call returns an :class:`~d3s2.pipelines.output_types.ImageTo3DOutput` (meshes,
    marching cubes at ``mc_level_512``.
 5. ``sparse_1024`` (optional): unsigned band of the 512 mesh at the 1024 grid (``tau = band_voxels / R``),
    ``coords // 8`` -> latent coordinates, SS-DiT-1024 from fresh noise, SS-VAE-1024 decode in spatial chunks
-   (:func:`decode_sparse_chunked`, exact), marching cubes at ``mc_level_1024``.
+   (:meth:`d3s2.models.ss_vae.SSVAE.decode` with ``chunk``, exact), marching cubes at ``mc_level_1024``.
 6. ``cleanup``: floaters, optional decimation to ``faces`` (:func:`d3s2.geometry.cleanup.clean_mesh`); with
    ``min_area_fraction = 0`` and no ``faces`` there is nothing to do (vertex normals are computed on the device right
    after marching cubes), which saves seconds on the millions of faces of a 1024 mesh.
@@ -61,7 +61,7 @@ from d3s2.config import MODEL_REGISTRY, from_dict, load_yaml, resolve_config_pat
 from d3s2.errors import D3S2Error
 from d3s2.pipelines.output_types import ImageTo3DOutput
 
-__all__ = ["PipelineSettings", "ImageTo3DPipeline", "ImageTo3DOutput", "decode_sparse_chunked", "latent_shell_coords",
+__all__ = ["PipelineSettings", "ImageTo3DPipeline", "ImageTo3DOutput", "latent_shell_coords",
            "latent_band_coords", "COMPONENTS", "OPTIONAL_COMPONENTS", "STAGE_1024_COMPONENTS", "FORMAT_TAG"]
 
 FORMAT_TAG = "d3s2-pipeline/1"
@@ -211,55 +211,6 @@ from d3s2.pipelines.token_band import latent_band_coords  # noqa: E402
 from d3s2.pipelines.validation import require_finite as _require_finite  # noqa: E402
 
 _LOW_VRAM_WORKSPACE = 10 << 30  # activations of the 1024 stage besides the weights (see bench/pipeline.py)
-
-
-def decode_sparse_chunked(vae, z, chunk: int | None = None, halo: int = 3, return_features: bool = False):
-    """SS-VAE decode with the up-sampling stack run in spatial chunks of ``chunk`` latent voxels per side.
-
-    The transformer blocks run once on all latent tokens (their attention windows span chunks); only the conv /
-    subdivide stack, where the memory goes (8^3 children per latent voxel), is chunked. Its receptive field is under
-    3 latent voxels (conv3 at the latent level, then half, quarter, eighth voxels per level), so a ``halo`` of 3
-    latent voxels makes every kept output identical to the one-shot decode (there are no norms in that stack).
-    ``chunk=None`` decodes in one piece. Returns the decoded SparseTensor (children grouped by chunk); with
-    ``return_features`` a pair ``(decoded, features [M', C])``, the decoder's last features row by row."""
-    from d3s2.sparse import SparseTensor
-
-    dec = vae.decoder
-    if chunk is None or getattr(dec, "upsample", None) is None or any(b.prune is not None for b in dec.upsample):
-        return vae.decode(z, return_features=return_features)
-    h = dec.input_layer(z)
-    h = h + dec.pos_embedder(h.coords[:, 1:]).to(h.dtype)
-    for block in dec.blocks:
-        h = block(h)
-    if dec.out_norm:
-        import torch.nn.functional as F
-
-        h = h.replace(F.layer_norm(h.feats.float(), h.feats.shape[-1:], eps=1e-6).to(h.dtype))
-    coords = h.coords.long()
-    cell = torch.div(coords[:, 1:], chunk, rounding_mode="floor")
-    keys = torch.unique(torch.cat([coords[:, :1], cell], 1), dim=0)
-    factor = 2 ** len(dec.upsample)
-    feats_out, coords_out, last = [], [], []
-    for key in keys:
-        b, lo = int(key[0]), key[1:] * chunk
-        hi = lo + chunk
-        in_b = coords[:, 0] == b
-        near = in_b & ((coords[:, 1:] >= lo - halo) & (coords[:, 1:] < hi + halo)).all(1)
-        idx = torch.nonzero(near).squeeze(1)
-        part = SparseTensor(h.feats[idx], h.coords[idx], h.batch_size, h.resolution, h.stride)
-        for block in dec.upsample:
-            part, _ = block(part)
-        out = dec.out_layer(part)
-        parent = torch.div(out.coords[:, 1:].long(), factor, rounding_mode="floor")
-        core = ((parent >= lo) & (parent < hi)).all(1)
-        feats_out.append(torch.tanh(out.feats[core]))
-        coords_out.append(out.coords[core])
-        if return_features:
-            last.append(part.feats[core])
-        del part, out
-    decoded = SparseTensor(torch.cat(feats_out), torch.cat(coords_out), h.batch_size,
-                           h.resolution * factor if h.resolution is not None else None)
-    return (decoded, torch.cat(last)) if return_features else decoded
 
 
 def _reemit(caught: list) -> None:
@@ -733,8 +684,7 @@ class ImageTo3DPipeline:
         with self._use(vae_name) as (vae,):
             with self._part("decode"):
                 vae_dtype = next(vae.parameters()).dtype
-                decoded = decode_sparse_chunked(vae, latent.replace(latent.feats.to(vae_dtype)), chunk,
-                                                return_features=features)
+                decoded = vae.decode(latent.replace(latent.feats.to(vae_dtype)), chunk, return_features=features)
         feats = None
         if features:
             decoded, feats = decoded
