@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from d3s2.pipelines.image_to_3d import ImageTo3DPipeline
 
     pipe = ImageTo3DPipeline.from_config("demo_pipeline", device="cpu")
-    factor = pipe.models["ss_vae_512"].cfg.downsample_factor
+    factor = pipe.models["ss_vae_512"].config.downsample_factor
     with open(os.path.join(REPO, "src", "d3s2", "assets", "examples", "examples.json")) as fh:
         items = list(json.load(fh)["examples"].values())
     images, shells = [], []
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                          .contiguous())
 
     t0 = time.perf_counter()
-    pipe(images, generator=torch.Generator().manual_seed(0), num_inference_steps={"dense": args.steps,
+    out = pipe(images, generator=torch.Generator().manual_seed(0), num_inference_steps={"dense": args.steps,
          "512": args.steps}, progress=False, hooks={"structure": lambda _: structure, "decoded": sphere})
     total = time.perf_counter() - t0
     try:
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
            "config": "demo_pipeline (random weights)", "grid": pipe.resolution_512, "steps": args.steps, "cfg": True,
            "images": [ex["source"] for ex in items[: args.images]],
            "tokens_per_image": [len(s) for s in shells], "total_s": total,
-           "seconds_per_image": total / len(images), "stages": pipe.last_stats}
+           "seconds_per_image": total / len(images), "stages": out.stats}
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"demo_cpu-{platform.node() or 'host'}.json")
     atomic_write_text(path, json.dumps(doc, indent=1, default=float))

@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         from d3s2.data.sdf import unsigned_band
 
         coords, _ = unsigned_band(gt, r, 1.5 / r)
-        shell = latent_shell_coords(coords, r // pipe.models["ss_vae_512"].cfg.downsample_factor)
+        shell = latent_shell_coords(coords, r // pipe.models["ss_vae_512"].config.downsample_factor)
         rgba = render_view(gt, size=64)
         gen_rows.append({"source": rel, **generation_metrics(pipe, rgba, gt, args.points, args.seed,
                                                              structure_coords=shell)})

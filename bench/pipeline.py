@@ -313,7 +313,7 @@ def with_refiners(pipe, device: torch.device, dtype: torch.dtype, smoke: bool, s
     torch.manual_seed(seed + 1)
     small = dict(block_out_channels=[4, 8], layers_per_block=1, layers_mid_block=0, norm_groups=2, patch_size=32,
                  patch_stride=16, resolution=64) if smoke else {}
-    feat = pipe.models["ss_vae_512"].cfg.decoder_channels[-1]
+    feat = pipe.models["ss_vae_512"].config.decoder_channels[-1]
     with torch.device(device):
         nets = {"refiner_512": SDFRefiner(SDFRefinerConfig(feature_channels=feat, **small)),
                 "refiner_1024": SignRefiner(SignRefinerConfig(**small))}
@@ -461,7 +461,7 @@ def _main(argv: list[str] | None) -> int:
     doc["sparse_convs"] = set_conv_backend(pipe.models, args.conv_backend)
     doc["conv_backend"] = conv_backend_in_use(device, args.conv_backend)
     r512, r1024 = pipe.resolution_512, pipe.resolution_1024
-    factor = pipe.models["ss_vae_512"].cfg.downsample_factor
+    factor = pipe.models["ss_vae_512"].config.downsample_factor
     print(f"built in {doc['build_seconds']:.1f} s: {doc['params_millions']}", flush=True)
 
     # the injected mesh, scaled to the target token count at 1024
@@ -495,11 +495,12 @@ def _main(argv: list[str] | None) -> int:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
-        mesh = p(image, generator=torch.Generator().manual_seed(args.seed), resolution=res, **kw)[0]
+        out = p(image, generator=torch.Generator().manual_seed(args.seed), resolution=res, **kw)
+        mesh = out.meshes[0]
         wall = time.perf_counter() - t
         run = {"label": label, "resolution": res, "low_vram": p.low_vram, "wall_seconds": wall,
-               "total_seconds": p.last_stats[-1]["seconds"], "stages": p.last_stats,
-               "peak_gpu_gb": (p.last_stats[-1]["peak_gpu_bytes"] or 0) / 1e9 if device.type == "cuda" else None,
+               "total_seconds": out.stats[-1]["seconds"], "stages": out.stats,
+               "peak_gpu_gb": (out.stats[-1]["peak_gpu_bytes"] or 0) / 1e9 if device.type == "cuda" else None,
                "peak_reserved_gb": torch.cuda.max_memory_reserved() / 1e9 if device.type == "cuda" else None,
                "mesh_vertices": len(mesh.vertices), "mesh_faces": len(mesh.faces),
                "mesh_extent": (np.asarray(mesh.vertices).max(0) - np.asarray(mesh.vertices).min(0)).tolist(),

@@ -18,17 +18,17 @@ def component_sizes(config: str = "demo_pipeline", dtype_bytes: int = 2) -> dict
     """Per component: parameter count, state-dict values and bytes as bundled (encoder fp32, others ``dtype_bytes``)."""
     import torch
 
-    from d3s2.config import _model_class, load_yaml, resolve_config_path
+    from d3s2.config import load_yaml, model_class, resolve_config_path
     from d3s2.models.image_encoder import DINOv2Encoder
-    from d3s2.pipelines.image_to_3d import ImageTo3DPipeline
+    from d3s2.pipelines.folder_format import parse_pipeline_config
 
     path = resolve_config_path(config)
-    comps, enc_cfg, _ = ImageTo3DPipeline._parse(load_yaml(path), path.name)
+    comps, enc_cfg, _ = parse_pipeline_config(load_yaml(path), path.name)
     out = {}
     with torch.device("meta"):
         models = {"image_encoder": DINOv2Encoder(enc_cfg)}
         for name, comp in comps.items():
-            models[name] = _model_class(comp.model)(comp.params)
+            models[name] = model_class(comp.model)(comp.params)
     for name, m in models.items():
         values = sum(v.numel() for v in m.state_dict().values())
         per = 4 if name == "image_encoder" else dtype_bytes

@@ -113,13 +113,13 @@ def tiny_params(version: str) -> dict:
 
 def tiny_release(version: str, seed: int = 3):
     """A tiny release: (config.yaml dict, {file: checkpoint dict}, d3s2 models the weights came from)."""
-    from d3s2.pipelines.image_to_3d import _model_class
+    from d3s2.config import model_class
     from d3s2.pipelines.release_config import read_release_config
 
     config = release_config(version, tiny_params(version))
     rel = read_release_config(config)
     torch.manual_seed(seed)
-    models = {n: _model_class(kind)(cfg) for n, (kind, cfg) in rel.models.items()}
+    models = {n: model_class(kind)(cfg) for n, (kind, cfg) in rel.models.items()}
     ckpts = {"model_dense.ckpt": {"vae": release_state_dict(models["dense_vae"]),
                                   "dit": release_state_dict(models["dense_dit"])},
              "model_sparse_512.ckpt": {"vae": release_state_dict(models["ss_vae_512"]),

@@ -63,7 +63,7 @@ def test_graph_replay_matches_eager_sampling(version, monkeypatch):
     with torch.no_grad():
         for graphs in (False, True):
             guided = BatchedSparseGuidance(model, x, cond, uncond, 5.0, {}, cuda_graphs=graphs)
-            outs[graphs] = sample_euler(guided, x, cond, None, steps=5, cfg_scale=1.0, shift=3.0).feats
+            outs[graphs] = sample_euler(guided, x, cond, None, steps=5, guidance_scale=1.0, shift=3.0).feats
             assert guided.call.captured == graphs, guided.call.failed
     assert torch.isfinite(outs[True]).all()
     err = (outs[True] - outs[False]).norm() / outs[False].norm()

@@ -13,7 +13,6 @@ pytest.importorskip("igl")
 
 from d3s2.data.datasets import (  # noqa: E402
     ImageLatentDataset,
-    MultiResolutionBatchSampler,
     SparseSDFDataset,
     collate_image_latent,
     collate_sparse_sdf,
@@ -69,31 +68,32 @@ def test_sparse_sdf_dataset_multires(prepared):
 
 
 def test_batch_sampler_and_collate(prepared):
+    from d3s2.train.sampling import BatchPlan  # the training loop's batch order: one resolution per batch
+
     ds = SparseSDFDataset(prepared, resolutions=(32, 64))
-    sampler = MultiResolutionBatchSampler(len(ds), batch_size=2, resolutions=(32, 64), seed=0)
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate_sparse_sdf)
+    plan = BatchPlan(len(ds), seed=0, resolutions=(32, 64))
     seen = set()
-    for epoch in range(6):
-        sampler.set_epoch(epoch)
-        for batch in loader:
-            x = batch["sdf"]
-            assert isinstance(x, SparseTensor)
-            r = batch["resolution"]
-            seen.add(r)
-            parts = [
-                ds[(ds.items.index(next(it for it in ds.items if it["item_id"] == i)), r)] for i in batch["item_ids"]
-            ]
-            assert x.batch_size == 2 and x.resolution == r
-            assert x.feats.shape == (sum(len(p["sdf"]) for p in parts), 1)
-            assert batch["sharp"].shape == (x.feats.shape[0],)
-            off = 0
-            for b, p in enumerate(parts):  # rows in batch order, sample b's rows carry batch index b
-                n = len(p["sdf"])
-                assert (x.coords[off : off + n, 0] == b).all()
-                np.testing.assert_array_equal(x.coords[off : off + n, 1:].numpy(), p["coords"].numpy())
-                np.testing.assert_array_equal(x.feats[off : off + n].numpy(), p["sdf"].numpy())
-                np.testing.assert_array_equal(batch["sharp"][off : off + n].numpy(), p["sharp"].numpy())
-                off += n
+    for _ in range(6):
+        keys = plan.next(2)
+        batch = collate_sparse_sdf([ds[(i, keys.resolution)] for i in keys.indices])
+        x = batch["sdf"]
+        assert isinstance(x, SparseTensor)
+        r = batch["resolution"]
+        seen.add(r)
+        parts = [
+            ds[(ds.items.index(next(it for it in ds.items if it["item_id"] == i)), r)] for i in batch["item_ids"]
+        ]
+        assert x.batch_size == 2 and x.resolution == r
+        assert x.feats.shape == (sum(len(p["sdf"]) for p in parts), 1)
+        assert batch["sharp"].shape == (x.feats.shape[0],)
+        off = 0
+        for b, p in enumerate(parts):  # rows in batch order, sample b's rows carry batch index b
+            n = len(p["sdf"])
+            assert (x.coords[off : off + n, 0] == b).all()
+            np.testing.assert_array_equal(x.coords[off : off + n, 1:].numpy(), p["coords"].numpy())
+            np.testing.assert_array_equal(x.feats[off : off + n].numpy(), p["sdf"].numpy())
+            np.testing.assert_array_equal(batch["sharp"][off : off + n].numpy(), p["sharp"].numpy())
+            off += n
     assert seen == {32, 64}
     with pytest.raises(D3S2Error, match="mixes resolutions"):
         collate_sparse_sdf([ds[(0, 32)], ds[(1, 64)]])
@@ -128,6 +128,8 @@ def test_image_latent_dataset(prepared):
     assert isinstance(x, SparseTensor) and x.batch_size == 2 and x.feats.shape[1] == 8
     assert x.feats.shape[0] == len(ds[0]["coords"]) + len(ds[1]["coords"])
     assert batch["image"].shape == (2, 3, 24, 24) and batch["mask"].shape == (2, 1, 24, 24)
+    assert batch["resolution"] == 16 and x.resolution is None  # latents: the R / 8 grid is not the batch resolution
+    assert collate_image_latent([ds_sdf[0], ds_sdf[1]], sdf=True)["x"].resolution == 64
     with pytest.raises(D3S2Error, match="no item"):
         ImageLatentDataset(prepared, resolution=128, source="latent")
 

@@ -92,7 +92,7 @@ def test_demo_model_and_training_configs_load():
     with torch.device("meta"):
         vae = build_model("demo_ss_vae")
     structure = load_model_config("demo_dense_vae").params.resolution
-    assert structure == 32 and structure * vae.cfg.downsample_factor == 128
+    assert structure == 32 and structure * vae.config.downsample_factor == 128
     assert load_model_config("demo_ss_dit").params.resolution == structure
     assert load_model_config("demo_ss_dit").params.ssa_mode == "ssa"
     assert 128 in load_train_config("demo_train_ss_dit")[0].data.resolutions
@@ -109,10 +109,10 @@ def test_demo_model_and_training_configs_load():
     # SS-DiT run loads that run's encoder frozen (the bundle ships it from the dense_dit run)
     from d3s2.config import load_yaml, resolve_config_path
     from d3s2.models.image_encoder import ImageEncoderConfig
-    from d3s2.pipelines.image_to_3d import ImageTo3DPipeline
+    from d3s2.pipelines.folder_format import parse_pipeline_config
 
     path = resolve_config_path("demo_pipeline")
-    _, shipped, _ = ImageTo3DPipeline._parse(load_yaml(path), path.name)
+    _, shipped, _ = parse_pipeline_config(load_yaml(path), path.name)
     dense, ss = load_train_config("demo_train_dense_dit")[0], load_train_config("demo_train_ss_dit")[0]
     for run, model in ((dense, "demo_dense_dit"), (ss, "demo_ss_dit")):
         cfg = ImageEncoderConfig.tiny(embed_dim=load_model_config(model).params.cond_channels,

@@ -75,7 +75,7 @@ def test_sampler_on_sparse_latent():
     x0 = torch.randn(12, 16)
     model, _ = _oracle(x0)
     out = sample_euler(model, RaggedLatent(torch.randn(12, 16), offsets), torch.zeros(2, 3, 5), steps=12, shift=6.0,
-                       cfg_scale=3.0)
+                       guidance_scale=3.0)
     assert isinstance(out, RaggedLatent) and torch.equal(out.batch_offsets, offsets)
     assert torch.allclose(out.feats, x0, atol=1e-5)
 
@@ -86,8 +86,8 @@ def test_cfg_combination_and_batched_equals_separate():
 
     assert torch.allclose(cfg_combine(torch.tensor(2.0), torch.tensor(0.5), 7.0), torch.tensor(0.5 + 7.0 * 1.5))
     x, cond = torch.randn(2, 3, 4), torch.randn(2, 5, 6) + 1.0
-    a = sample_euler(model, x, cond, steps=3, cfg_scale=4.0, shift=2.0, batch_cfg=True)
-    b = sample_euler(model, x, cond, steps=3, cfg_scale=4.0, shift=2.0, batch_cfg=False)
+    a = sample_euler(model, x, cond, steps=3, guidance_scale=4.0, shift=2.0, batch_cfg=True)
+    b = sample_euler(model, x, cond, steps=3, guidance_scale=4.0, shift=2.0, batch_cfg=False)
     assert torch.allclose(a, b, atol=1e-6)
     # Manual integration with the CFG rule and zeros as the unconditional input.
     grid = euler_timesteps(3, 2.0)
@@ -97,7 +97,7 @@ def test_cfg_combination_and_batched_equals_separate():
         v = cfg_combine(model(ref, tt, cond), model(ref, tt, torch.zeros_like(cond)), 4.0)
         ref = ref + float(grid[i + 1] - grid[i]) * v
     assert torch.allclose(a, ref, atol=1e-5)
-    no_cfg = sample_euler(model, x, cond, steps=3, cfg_scale=1.0, shift=2.0)
+    no_cfg = sample_euler(model, x, cond, steps=3, guidance_scale=1.0, shift=2.0)
     assert not torch.allclose(no_cfg, a, atol=1e-3)
     sampler = EulerSampler(steps=3, cfg_scale=4.0, shift=2.0)
     assert torch.allclose(sampler(model, x, cond), a)

@@ -100,6 +100,7 @@ def test_read_only_output_probe(tmp_path, monkeypatch):
     (["--cfg", "nan"], "--cfg must be a finite number"),
     (["--cfg", "inf"], "--cfg must be a finite number"),
     (["--cfg", "-1"], "--cfg must be a guidance scale in [0, 100]"),
+    (["--guidance-scale", "nan"], "--guidance-scale must be a finite number"),
     (["--seed", str(2**64)], "--seed must be an integer"),
     (["--faces", "2"], "--faces 2 is too small"),
 ])

@@ -222,11 +222,11 @@ def test_losses_zero_for_perfect_prediction_and_weights(tiny):
         dec = tiny(x, sample_posterior=False).decoded
     value, _ = decoded_targets(dec, x)
     zero = torch.zeros(3, 4)
-    perfect = ss_vae_losses(dec.replace(value[:, None]), x, zero, zero, tiny.cfg.loss_weights(), sharp=sharp)
+    perfect = ss_vae_losses(dec.replace(value[:, None]), x, zero, zero, tiny.config.loss_weights(), sharp=sharp)
     for k in ("in", "ext", "sharp", "kl", "total"):
         assert float(perfect[k]) == 0.0, k
     wrong = dec.replace(value[:, None] + 0.5)
-    lw = tiny.cfg.loss_weights()
+    lw = tiny.config.loss_weights()
     out = ss_vae_losses(wrong, x, zero + 1.0, zero, lw, sharp=sharp)
     torch.testing.assert_close(out["in"], torch.tensor(0.25))
     torch.testing.assert_close(out["ext"], torch.tensor(0.25))

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from d3s2.errors import D3S2Error
-from d3s2.pipelines.image_to_3d import ImageTo3DPipeline, decode_sparse_chunked, latent_shell_coords
+from d3s2.pipelines.image_to_3d import ImageTo3DPipeline, latent_shell_coords
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny CPU runs: 1 thread is faster on a busy machine
@@ -132,7 +132,7 @@ def test_chunked_decoding_matches_one_shot():
     z = SparseTensor(torch.randn(len(coords), 8, generator=g), coords, batch_size=2)
     with torch.no_grad():
         full = vae.decode(z)
-        chunked = decode_sparse_chunked(vae, z, chunk=4)
+        chunked = vae.decode(z, chunk=4)
     assert chunked.num_voxels == full.num_voxels
 
     def by_key(x):
@@ -147,13 +147,14 @@ def test_chunked_decoding_matches_one_shot():
     torch.testing.assert_close(fc, ff, rtol=1e-5, atol=1e-5)
     # without the halo the chunk borders differ: the halo is what makes it exact
     with torch.no_grad():
-        no_halo = decode_sparse_chunked(vae, z, chunk=4, halo=0)
+        no_halo = vae.decode(z, chunk=4, halo=0)
     assert not torch.allclose(by_key(no_halo)[1], ff, atol=1e-5)
     # the decoder's last features (the 512 refiner's input), row for row with the decoded voxels, chunked or not
     with torch.no_grad():
         full2, feat_full = vae.decode(z, return_features=True)
-        chunk2, feat_chunk = decode_sparse_chunked(vae, z, chunk=4, return_features=True)
-    assert torch.equal(full2.feats, full.feats) and feat_full.shape == (full.num_voxels, vae.cfg.decoder_channels[-1])
+        chunk2, feat_chunk = vae.decode(z, chunk=4, return_features=True)
+    assert torch.equal(full2.feats, full.feats)
+    assert feat_full.shape == (full.num_voxels, vae.config.decoder_channels[-1])
     assert feat_chunk.shape == feat_full.shape and feat_full.abs().max() > 0
     torch.testing.assert_close(by_key(chunk2.replace(feat_chunk))[1], by_key(full2.replace(feat_full))[1],
                                rtol=1e-5, atol=1e-5)
@@ -233,6 +234,36 @@ def test_sampler_config_defaults_and_overrides():
     pipe = ImageTo3DPipeline.from_config("demo_pipeline", seed=0)
     base = pipe.sampler_config("ss_dit_512")
     assert (base.steps, base.cfg_scale, base.shift) == (25, 3.0, 3.0)  # demo_pipeline.yaml's sampler section
-    over = pipe.sampler_config("ss_dit_512", steps=4, cfg=1.5)
+    over = pipe.sampler_config("ss_dit_512", steps=4, guidance_scale=1.5)
     assert (over.steps, over.cfg_scale, over.shift) == (4, 1.5, 3.0)
     assert pipe.sampler_config("ss_dit_1024").steps == 15  # no 1024 stage: the release's default
+
+
+def test_public_api_and_typed_output():
+    """``from d3s2 import ImageTo3DPipeline`` (lazy: ``import d3s2`` alone imports no torch); a call returns an
+    ImageTo3DOutput that indexes / iterates like the old list, with the stats and the user-facing notes."""
+    import subprocess
+    import sys
+    import warnings
+
+    import d3s2
+    from d3s2 import ImageTo3DOutput
+    from d3s2 import ImageTo3DPipeline as Public
+
+    assert Public is ImageTo3DPipeline and d3s2.load_release.__module__ == "d3s2.pipelines.official"
+    code = "import sys, d3s2; assert 'torch' not in sys.modules, 'import d3s2 imported torch'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    def remover(img):  # a background remover that warns the user, as the border-colour fallback does
+        warnings.warn("the mask is a guess")
+        return (np.asarray(img).max(-1) > 0).astype(np.uint8) * 255
+
+    pipe = _centre_decoder_output(ImageTo3DPipeline.from_config("pipeline_tiny", seed=1, background_remover=remover))
+    with pytest.warns(UserWarning, match="the mask is a guess"):  # still emitted as a warning
+        out = pipe(_square_image()[..., :3], generator=torch.Generator().manual_seed(3), progress=False)
+    assert isinstance(out, ImageTo3DOutput) and len(out) == 1 and out[0] is out.meshes[0]
+    assert list(out) == out.meshes and out.stats is pipe.last_stats and out.stats[-1]["stage"] == "total"
+    assert out.notes == ["the mask is a guess"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet = pipe(_square_image(), generator=torch.Generator().manual_seed(3), progress=False)
+    assert quiet.notes == []

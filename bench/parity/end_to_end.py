@@ -141,8 +141,9 @@ def end_to_end(h, image_path: Path, resolution: int = 1024, seed: int = 0) -> di
         return noise(stage, coords_or_shape)
 
     t0 = time.perf_counter()
-    mesh_o = pipe_o(img, generator=torch.Generator().manual_seed(seed), resolution=resolution, progress=False,
-                    hooks={"noise": noise_hook})[0]
+    out_o = pipe_o(img, generator=torch.Generator().manual_seed(seed), resolution=resolution, progress=False,
+                   hooks={"noise": noise_hook})
+    mesh_o = out_o.meshes[0]
     sec_o = time.perf_counter() - t0
     peak_o = torch.cuda.max_memory_allocated(dev)
     tokens = {}
@@ -157,4 +158,4 @@ def end_to_end(h, image_path: Path, resolution: int = 1024, seed: int = 0) -> di
             "max_vertex_distance": vertex_distance(va, vb), "faces_ours": len(mesh_o.faces),
             "faces_theirs": len(mesh_t.faces), "tokens": tokens, "seconds_ours": sec_o, "seconds_theirs": sec_t,
             "peak_gpu_bytes_ours": peak_o, "peak_gpu_bytes_theirs": peak_t, "device": str(dev), "dtype": "float16",
-            "stats_ours": pipe_o.last_stats}
+            "stats_ours": out_o.stats}

@@ -144,7 +144,6 @@ def synthetic_band(resolution: int, radius: float, tau_voxels: float = 2.0, devi
 
 @torch.no_grad()
 def ss_vae(h: Harness, stage: str) -> list[dict]:
-    from d3s2.pipelines.image_to_3d import decode_sparse_chunked
     from d3s2.sparse import SparseTensor
 
     key, name = f"sparse_vae_{stage}", f"ss_vae_{stage}"
@@ -170,7 +169,7 @@ def ss_vae(h: Harness, stage: str) -> list[dict]:
     z = SparseTensor(z_t.feats, z_t.coords, batch_size=1, resolution=res // 8)
     chunk = h.ours.settings.decode_chunk
     t0 = time.perf_counter()
-    dec_o = decode_sparse_chunked(ours, z, chunk)
+    dec_o = ours.decode(z, chunk)
     t_ours = time.perf_counter() - t0
     a, b, st = align(dec_o.coords, dec_o.feats, dec_t.coords, dec_t.feats)
     rows.append(row(f"SS-VAE-{stage} decode (tanh SDF on every child voxel)", rel_err(a, b), torch.float32, h.device,

@@ -33,6 +33,7 @@ __all__ = [
     "resolve_config_path",
     "load_model_config",
     "build_model",
+    "model_class",
 ]
 
 # name -> "module:Class"; the class has a ``config_class`` attribute (its dataclass). Other stages add their models here.
@@ -176,7 +177,8 @@ class ModelFileConfig:
     path: Path | None = None
 
 
-def _model_class(name: str) -> type:
+def model_class(name: str) -> type:
+    """The model class registered under ``name`` in :data:`MODEL_REGISTRY` (imported on first use)."""
     if name not in MODEL_REGISTRY:
         raise D3S2Error(f"unknown model '{name}' (known: {', '.join(sorted(MODEL_REGISTRY))})")
     module, cls = MODEL_REGISTRY[name].split(":")
@@ -196,7 +198,7 @@ def load_model_config(name_or_path: str | Path, extra_sections: tuple[str, ...] 
             raise D3S2Error(f"{path}: unknown top-level key '{key}' (valid: {', '.join(sorted(allowed))})")
     if "model" not in data:
         raise D3S2Error(f"{path}: missing 'model:' (one of {', '.join(sorted(MODEL_REGISTRY))})")
-    cls = _model_class(data["model"])
+    cls = model_class(data["model"])
     return ModelFileConfig(
         model=data["model"],
         params=from_dict(cls.config_class, data.get("params"), f"{path.name}:params"),
@@ -210,7 +212,7 @@ def load_model_config(name_or_path: str | Path, extra_sections: tuple[str, ...] 
 def build_model(config: str | Path | ModelFileConfig, device: Any = None):
     """Instantiate the model a config file describes (on ``device``, e.g. ``"meta"`` to inspect shapes for free)."""
     cfg = config if isinstance(config, ModelFileConfig) else load_model_config(config)
-    cls = _model_class(cfg.model)
+    cls = model_class(cfg.model)
     if device is None:
         return cls(cfg.params)
     import torch

@@ -3,13 +3,15 @@
 * ``SparseSDFDataset``: one mesh's sparse SDF (Eq. 1) with its sharp-voxel mask (Eq. 2) at a resolution drawn from a
   configured set (multi-resolution training, Sec. 3.3). A resolution that was not prepared is derived from the
   nearest higher prepared one by trilinear interpolation (``d3s2.data.multires.resample_sparse_sdf``).
-  ``MultiResolutionBatchSampler`` draws one resolution per batch, as the paper samples one per iteration.
+  The training loop draws one resolution per batch (:class:`d3s2.train.sampling.BatchPlan`), as the paper samples one
+  per iteration, and asks for ``dataset[(i, R)]``.
 * ``ImageLatentDataset``: the DiT's pairs: a sparse latent (``latent_<R>.npz``: ``coords`` int [N, 3], ``feats``
   float [N, C], written by the VAE encoding step) or a sparse SDF, plus one random rendered view and its mask.
-* ``collate_sparse_sdf`` / ``collate_image_latent``: batches as ``d3s2.sparse.SparseTensor`` (coords (b, x, y, z)).
+* ``collate_sparse_sdf`` / ``collate_image_latent``: batches as ``d3s2.sparse.SparseTensor`` (coords (b, x, y, z)),
+  one resolution per batch; the SS-VAE and SS-DiT training tasks use them.
 
-Randomness (resolution, view) is a function of (seed, epoch, index): reproducible and identical in any DataLoader
-worker; call ``set_epoch`` each epoch for fresh draws.
+Randomness (resolution, view) is a function of (seed, epoch, index) (:func:`keyed_rng`, also the training batch
+order's): reproducible and identical in any DataLoader worker; call ``set_epoch`` each epoch for fresh draws.
 """
 
 from __future__ import annotations
@@ -26,8 +28,13 @@ from d3s2.data import manifest as mf
 from d3s2.errors import D3S2Error
 
 
-def _rng(seed: int, epoch: int, index: int, salt: str) -> np.random.Generator:
-    h = hashlib.sha1(f"{salt}:{seed}:{epoch}:{index}".encode()).digest()
+__all__ = ["keyed_rng", "load_items", "SparseSDFDataset", "spatial_crop", "batch_coords", "collate_sparse_sdf",
+           "load_rgba", "ImageLatentDataset", "collate_image_latent"]
+
+
+def keyed_rng(*parts) -> np.random.Generator:
+    """A numpy generator seeded by the SHA-1 of ``"p0:p1:..."``: the same draws for the same key in any process."""
+    h = hashlib.sha1(":".join(map(str, parts)).encode()).digest()
     return np.random.default_rng(int.from_bytes(h[:8], "little"))
 
 
@@ -97,11 +104,11 @@ class SparseSDFDataset(torch.utils.data.Dataset):
             index, resolution = int(key[0]), int(key[1])
         else:
             index = int(key)
-            resolution = int(_rng(self.seed, self.epoch, index, "res").choice(self.resolutions))
+            resolution = int(keyed_rng("res", self.seed, self.epoch, index).choice(self.resolutions))
         sdf = self.load_sdf(index, resolution)
         coords, values, sharp = sdf.coords, sdf.sdf, sdf.sharp
         if self.max_voxels is not None and len(coords) > self.max_voxels:
-            keep = spatial_crop(coords, self.max_voxels, _rng(self.seed, self.epoch, index, f"crop{resolution}"))
+            keep = spatial_crop(coords, self.max_voxels, keyed_rng(f"crop{resolution}", self.seed, self.epoch, index))
             coords, values, sharp = coords[keep], values[keep], sharp[keep]
         return {
             "coords": torch.from_numpy(coords.astype(np.int64)),
@@ -126,42 +133,8 @@ def spatial_crop(coords: np.ndarray, max_voxels: int, rng: np.random.Generator, 
     return np.nonzero(dist <= radius)[0]
 
 
-class MultiResolutionBatchSampler(torch.utils.data.Sampler):
-    """Batches of ``(index, resolution)`` keys with one resolution per batch (Sec. 3.3: one per training iteration)."""
-
-    def __init__(
-        self,
-        num_items: int,
-        batch_size: int,
-        resolutions: Sequence[int],
-        shuffle: bool = True,
-        drop_last: bool = False,
-        seed: int = 0,
-        weights: Sequence[float] | None = None,
-    ):
-        if batch_size < 1 or not resolutions:
-            raise D3S2Error("MultiResolutionBatchSampler needs batch_size >= 1 and at least one resolution")
-        self.n, self.batch_size, self.resolutions = int(num_items), int(batch_size), [int(r) for r in resolutions]
-        self.shuffle, self.drop_last, self.seed, self.epoch = shuffle, drop_last, seed, 0
-        w = np.ones(len(self.resolutions)) if weights is None else np.asarray(weights, dtype=np.float64)
-        self.p = w / w.sum()
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
-
-    def __iter__(self):
-        rng = _rng(self.seed, self.epoch, -1, "batches")
-        order = rng.permutation(self.n) if self.shuffle else np.arange(self.n)
-        for b in range(len(self)):
-            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
-            res = int(rng.choice(self.resolutions, p=self.p))
-            yield [(int(i), res) for i in idx]
-
-
-def _batch_coords(coords: list[torch.Tensor]) -> torch.Tensor:
+def batch_coords(coords: list[torch.Tensor]) -> torch.Tensor:
+    """Per-sample coordinates ``[N_b, 3]`` -> one ``[sum N_b, 4]`` int32 tensor with the batch index first."""
     return torch.cat(
         [
             torch.cat([torch.full((len(c), 1), b, dtype=torch.int32), c.to(torch.int32)], dim=1)
@@ -176,9 +149,9 @@ def collate_sparse_sdf(batch: list[dict]) -> dict:
 
     res = {b["resolution"] for b in batch}
     if len(res) != 1:
-        raise D3S2Error(f"a batch mixes resolutions {sorted(res)}: use MultiResolutionBatchSampler (one per batch)")
+        raise D3S2Error(f"a batch mixes resolutions {sorted(res)}: draw one per batch (d3s2.train.sampling.BatchPlan)")
     resolution = res.pop()
-    coords = _batch_coords([b["coords"] for b in batch])
+    coords = batch_coords([b["coords"] for b in batch])
     x = SparseTensor(torch.cat([b["sdf"] for b in batch]), coords, batch_size=len(batch), resolution=resolution)
     return {
         "sdf": x,
@@ -204,7 +177,8 @@ class ImageLatentDataset(torch.utils.data.Dataset):
     ``source="latent"`` reads ``<item>/latent_<resolution>.npz`` (``coords``, ``feats``); ``source="sdf"`` reads the
     prepared ``sdf_<resolution>.npz`` (feats = SDF [N, 1]). ``background``: None keeps the straight RGB (zero where
     alpha is 0); a float or 3 floats composites the render onto that colour. Returns ``coords`` int64 [N, 3],
-    ``feats`` float32 [N, C], ``image`` [3, H, W], ``mask`` [1, H, W], ``view``, ``camera`` (its cameras.json entry).
+    ``feats`` float32 [N, C], ``image`` [3, H, W], ``mask`` [1, H, W], ``view``, ``camera`` (its cameras.json entry),
+    ``resolution``.
     """
 
     def __init__(
@@ -261,7 +235,7 @@ class ImageLatentDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         item = self.items[int(index)]
         cams = json.loads((Path(item["dir"]) / item.get("cameras", "cameras.json")).read_text())["views"]
-        view = int(_rng(self.seed, self.epoch, int(index), "view").integers(len(cams)))
+        view = int(keyed_rng("view", self.seed, self.epoch, int(index)).integers(len(cams)))
         image, mask = load_rgba(Path(item["dir"]) / cams[view]["file"])
         if self.background is not None:
             image = image * mask + self.background * (1.0 - mask)
@@ -273,21 +247,23 @@ class ImageLatentDataset(torch.utils.data.Dataset):
             "mask": mask,
             "view": view,
             "camera": cams[view],
+            "resolution": self.resolution,
             "item_id": item["item_id"],
         }
 
 
-def collate_image_latent(batch: list[dict]) -> dict:
-    """``{"x": SparseTensor (latents or SDF), "image": [B, 3, H, W], "mask": [B, 1, H, W], "views", "cameras"}``."""
+def collate_image_latent(batch: list[dict], sdf: bool = False) -> dict:
+    """``{"x": SparseTensor (latents or SDF), "image": [B, 3, H, W], "mask": [B, 1, H, W], "resolution", "item_ids"}``.
+
+    ``sdf``: the features are SDF voxels at the batch resolution (``x.resolution`` set; else latents on the R / 8 grid,
+    resolution unset). One resolution per batch."""
     from d3s2.sparse import SparseTensor
 
-    coords = _batch_coords([b["coords"] for b in batch])
-    x = SparseTensor(torch.cat([b["feats"] for b in batch]), coords, batch_size=len(batch))
-    return {
-        "x": x,
-        "image": torch.stack([b["image"] for b in batch]),
-        "mask": torch.stack([b["mask"] for b in batch]),
-        "views": [b["view"] for b in batch],
-        "cameras": [b["camera"] for b in batch],
-        "item_ids": [b["item_id"] for b in batch],
-    }
+    res = {i["resolution"] for i in batch}
+    if len(res) != 1:
+        raise D3S2Error(f"a batch mixes resolutions {sorted(res)}")
+    r = res.pop()
+    x = SparseTensor(torch.cat([i["feats"] for i in batch]), batch_coords([i["coords"] for i in batch]),
+                     batch_size=len(batch), resolution=r if sdf else None)
+    return {"x": x, "image": torch.stack([i["image"] for i in batch]), "mask": torch.stack([i["mask"] for i in batch]),
+            "resolution": r, "item_ids": [i["item_id"] for i in batch]}

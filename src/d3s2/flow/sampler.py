@@ -14,9 +14,11 @@ latent would lose the small increments of the last steps); ``"model"`` is the re
 live in the model dtype (fp16), the velocity comes back in it, the guidance combination and ``dt * v`` are computed in
 it and the sum in float32 before the cast back (diffusers' step).
 
-Guidance: ``v = v_uncond + scale * (v_cond - v_uncond)`` with the unconditional input ``zeros_like(cond)``. A scale of
-0 or 1 runs the conditional branch alone (one model call per step), as the release does for 0. Trellis writes the same
-rule as ``(1 + w) v_cond - w v_uncond``, i.e. ``scale = 1 + w``.
+Guidance: ``v = v_uncond + guidance_scale * (v_cond - v_uncond)`` with the unconditional input ``zeros_like(cond)``. A
+scale of 0 or 1 runs the conditional branch alone (one model call per step), as the release does for 0. Trellis writes
+the same rule as ``(1 + w) v_cond - w v_uncond``, i.e. ``guidance_scale = 1 + w``. The call path names it
+``guidance_scale`` throughout; only the config field :attr:`SamplerConfig.cfg_scale` keeps its name, because it is a
+key of the configs and of saved ``pipeline.yaml`` files.
 
 Works on dense latents (tensors) and on sparse latents (objects with ``.feats`` and ``.replace(feats)``): the update acts
 on the features; the model must accept and return the same kind of object (or a feature tensor).
@@ -38,7 +40,10 @@ __all__ = ["SamplerConfig", "SCHEDULES", "euler_timesteps", "cfg_combine", "is_g
 
 @dataclass
 class SamplerConfig:
-    """Inference settings of one stage (release: structure 50 steps / shift 6, 512: 30 / 6, 1024: 15 / 8; CFG 7)."""
+    """Inference settings of one stage (release: structure 50 steps / shift 6, 512: 30 / 6, 1024: 15 / 8; CFG 7).
+
+    ``cfg_scale`` is the guidance scale (passed as ``guidance_scale`` to :func:`sample_euler`); the field keeps the
+    name of its key in the configs and in saved pipeline folders."""
 
     steps: int = 50
     cfg_scale: float = 7.0
@@ -87,13 +92,14 @@ def euler_timesteps(steps: int, shift: float = 1.0, device: torch.device | str |
     return torch.cat([s, torch.zeros(1)]).to(torch.float64).to(device)
 
 
-def cfg_combine(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    return v_uncond + scale * (v_cond - v_uncond)
+def cfg_combine(v_cond: torch.Tensor, v_uncond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance: ``v_uncond + guidance_scale * (v_cond - v_uncond)``."""
+    return v_uncond + guidance_scale * (v_cond - v_uncond)
 
 
-def is_guided(cfg_scale: float) -> bool:
+def is_guided(guidance_scale: float) -> bool:
     """Guidance needs the unconditional branch unless the scale is 0 or 1 (the conditional branch alone)."""
-    return cfg_scale not in (0.0, 1.0)
+    return guidance_scale not in (0.0, 1.0)
 
 
 @torch.no_grad()
@@ -103,7 +109,7 @@ def sample_euler(
     cond: torch.Tensor,
     uncond: torch.Tensor | None = None,
     steps: int = 50,
-    cfg_scale: float = 1.0,
+    guidance_scale: float = 1.0,
     shift: float = 1.0,
     t_scale: float = 1000.0,
     timesteps: torch.Tensor | None = None,
@@ -125,7 +131,7 @@ def sample_euler(
     ``state_dtype="model"``: the latent (``noise`` is cast) and the timesteps in ``model_dtype`` (see the module
     docstring). ``step_callback(i)`` runs after each step (progress bars)."""
     kwargs = model_kwargs or {}
-    guided = is_guided(cfg_scale)
+    guided = is_guided(guidance_scale)
     if guided and uncond is None:
         uncond = torch.zeros_like(cond)
     feats = feats_of(noise)
@@ -144,7 +150,7 @@ def sample_euler(
     if guided and batch_cfg and is_sparse(x) and hasattr(x, "coords"):  # stackable sparse tensors
         from d3s2.flow.guidance import BatchedSparseGuidance
 
-        stacked = BatchedSparseGuidance(model, x, cond, uncond, cfg_scale, kwargs, cuda_graphs=cuda_graphs,
+        stacked = BatchedSparseGuidance(model, x, cond, uncond, guidance_scale, kwargs, cuda_graphs=cuda_graphs,
                                         combine_dtype=cdt)
     bar = range(grid.numel() - 1)
     if progress:
@@ -163,11 +169,11 @@ def sample_euler(
         elif batch_cfg and not is_sparse(x):
             out = feats_of(model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([cond, uncond]), **kwargs))
             v_c, v_u = out.to(cdt).chunk(2)
-            v = cfg_combine(v_c, v_u, cfg_scale)
+            v = cfg_combine(v_c, v_u, guidance_scale)
         else:
             v_c = feats_of(model(x, tt, cond, **kwargs)).to(cdt)
             v_u = feats_of(model(x, tt, uncond, **kwargs)).to(cdt)
-            v = cfg_combine(v_c, v_u, cfg_scale)
+            v = cfg_combine(v_c, v_u, guidance_scale)
         f = feats_of(x)
         if in_model:
             # diffusers' step: dt (a 0-dim float32 tensor) times a model-dtype velocity is computed in that dtype,
@@ -197,6 +203,6 @@ class EulerSampler:
     def __call__(self, model: Callable[..., Any], noise: Any, cond: torch.Tensor, uncond: torch.Tensor | None = None,
                  model_dtype: torch.dtype | None = None, **model_kwargs: Any) -> Any:
         c = self.config
-        return sample_euler(model, noise, cond, uncond, steps=c.steps, cfg_scale=c.cfg_scale, shift=c.shift,
+        return sample_euler(model, noise, cond, uncond, steps=c.steps, guidance_scale=c.cfg_scale, shift=c.shift,
                             t_scale=c.t_scale, progress=self.progress, model_kwargs=model_kwargs, schedule=c.schedule,
                             state_dtype=c.state_dtype, model_dtype=model_dtype)

@@ -160,18 +160,23 @@ class SSVAEDecoder(nn.Module):
         self.upsample = nn.ModuleList(SparseSubdivideBlock3d(a, b, cfg.prune_children) for a, b in zip(ch[:-1], ch[1:]))
         self.out_layer = SparseLinear(ch[-1], 1)
 
-    def forward(self, z: SparseTensor, keep=None, return_features: bool = False):
-        """``keep``: optional callable ``(level, h) -> [N_level, 8]`` bool mask of the children to keep at each
-        up-sampling level (teacher forcing of the pruning while training); only used with ``prune_children``.
-        Returns the decoded SDF and the keep logits of every level (empty without pruning); with
-        ``return_features`` also the last up-sampling block's features ``[M', C]`` (the release's ``return_feat``,
-        the 512 SDF refiner's input)."""
+    def transform(self, z: SparseTensor) -> SparseTensor:
+        """The latent-level part: input layer, APE, transformer blocks (and the optional norm), ``[M, C]``."""
         h = self.input_layer(z)
         h = h + self.pos_embedder(h.coords[:, 1:]).to(h.dtype)
         for block in self.blocks:
             h = block(h)
         if self.out_norm:
             h = _layer_norm(h)
+        return h
+
+    def forward(self, z: SparseTensor, keep=None, return_features: bool = False):
+        """``keep``: optional callable ``(level, h) -> [N_level, 8]`` bool mask of the children to keep at each
+        up-sampling level (teacher forcing of the pruning while training); only used with ``prune_children``.
+        Returns the decoded SDF and the keep logits of every level (empty without pruning); with
+        ``return_features`` also the last up-sampling block's features ``[M', C]`` (the release's ``return_feat``,
+        the 512 SDF refiner's input)."""
+        h = self.transform(z)
         logits = []
         for i, block in enumerate(self.upsample):
             k = keep(i, h) if callable(keep) else None
@@ -180,6 +185,37 @@ class SSVAEDecoder(nn.Module):
                 logits.append(lg)
         out = h.replace(torch.tanh(self.out_layer(h).feats))
         return (out, logits, h.feats) if return_features else (out, logits)
+
+    def forward_chunked(self, z: SparseTensor, chunk: int, halo: int = 3, return_features: bool = False):
+        """The decode with the up-sampling stack run in spatial chunks of ``chunk`` latent voxels per side (see
+        :meth:`SSVAE.decode`); no pruning. Returns the decoded SDF (children grouped by chunk), with
+        ``return_features`` a pair ``(decoded, features [M', C])``."""
+        h = self.transform(z)
+        coords = h.coords.long()
+        cell = torch.div(coords[:, 1:], chunk, rounding_mode="floor")
+        keys = torch.unique(torch.cat([coords[:, :1], cell], 1), dim=0)
+        factor = 2 ** len(self.upsample)
+        feats_out, coords_out, last = [], [], []
+        for key in keys:
+            b, lo = int(key[0]), key[1:] * chunk
+            hi = lo + chunk
+            in_b = coords[:, 0] == b
+            near = in_b & ((coords[:, 1:] >= lo - halo) & (coords[:, 1:] < hi + halo)).all(1)
+            idx = torch.nonzero(near).squeeze(1)
+            part = SparseTensor(h.feats[idx], h.coords[idx], h.batch_size, h.resolution, h.stride)
+            for block in self.upsample:
+                part, _ = block(part)
+            out = self.out_layer(part)
+            parent = torch.div(out.coords[:, 1:].long(), factor, rounding_mode="floor")
+            core = ((parent >= lo) & (parent < hi)).all(1)
+            feats_out.append(torch.tanh(out.feats[core]))
+            coords_out.append(out.coords[core])
+            if return_features:
+                last.append(part.feats[core])
+            del part, out
+        decoded = SparseTensor(torch.cat(feats_out), torch.cat(coords_out), h.batch_size,
+                               h.resolution * factor if h.resolution is not None else None)
+        return (decoded, torch.cat(last)) if return_features else decoded
 
 
 @dataclass
@@ -208,9 +244,9 @@ class SSVAE(nn.Module):
 
     config_class = SSVAEConfig
 
-    def __init__(self, cfg: SSVAEConfig | None = None) -> None:
+    def __init__(self, config: SSVAEConfig | None = None) -> None:
         super().__init__()
-        self.cfg = cfg = cfg or SSVAEConfig()
+        self.config = cfg = config or SSVAEConfig()
         self.encoder = SSVAEEncoder(cfg)
         self.decoder = SSVAEDecoder(cfg)
 
@@ -221,17 +257,29 @@ class SSVAE(nn.Module):
             raise D3S2Error("SS-VAE: the input has no voxels (an empty SDF band); check the mesh and tau")
         moments = self.encoder(x)
         mean, logvar = moments.feats.float().chunk(2, dim=1)
-        logvar = logvar.clamp(self.cfg.logvar_min, self.cfg.logvar_max)
+        logvar = logvar.clamp(self.config.logvar_min, self.config.logvar_max)
         z = mean
         if sample_posterior:
             eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
             z = mean + torch.exp(0.5 * logvar) * eps
         return moments.replace(z.to(moments.dtype)), mean, logvar
 
-    def decode(self, z: SparseTensor, keep=None, return_features: bool = False):
+    def decode(self, z: SparseTensor, chunk: int | None = None, halo: int = 3, return_features: bool = False, *,
+               keep=None):
         """Latent -> SDF ``[M', 1]`` in [-1, 1] (scaled units) at ``8 x`` the latent resolution; with
-        ``return_features`` a pair ``(sdf, features [M', C])`` (the decoder's last features, per decoded voxel)."""
-        out = self.decoder(z, keep, return_features)
+        ``return_features`` a pair ``(sdf, features [M', C])`` (the decoder's last features, per decoded voxel).
+
+        ``chunk``: run the up-sampling stack in spatial chunks of ``chunk`` latent voxels per side (the 1024 stage's
+        memory). The transformer blocks run once on all latent tokens (their attention windows span chunks); only the
+        conv / subdivide stack, where the memory goes (8^3 children per latent voxel), is chunked. Its receptive field
+        is under 3 latent voxels (conv3 at the latent level, then half, quarter, eighth voxels per level), so a
+        ``halo`` of 3 latent voxels makes every kept output identical to the one-shot decode (there are no norms in
+        that stack); the decoded voxels come grouped by chunk. ``chunk=None`` (or pruning: ``keep``, or
+        ``prune_children``) decodes in one piece. ``keep``: see :meth:`SSVAEDecoder.forward`."""
+        dec = self.decoder
+        if chunk is not None and keep is None and not any(b.prune is not None for b in dec.upsample):
+            return dec.forward_chunked(z, chunk, halo, return_features)
+        out = dec(z, keep, return_features)
         return (out[0], out[2]) if return_features else out[0]
 
     def forward(self, x: SparseTensor, sample_posterior: bool = True, target: SparseTensor | None = None,
@@ -239,7 +287,7 @@ class SSVAE(nn.Module):
         z, mean, logvar = self.encode(x, sample_posterior, generator)
         targets: list[torch.Tensor] = []
         keep = None
-        if self.cfg.prune_children and self.training:
+        if self.config.prune_children and self.training:
             ref = (target if target is not None else x).coords
             levels = len(self.decoder.upsample)
 
@@ -256,7 +304,7 @@ class SSVAE(nn.Module):
                         ) -> dict[str, torch.Tensor]:
         """Eq. 2-3 on one batch: ``{"total", "in", "ext", "sharp", "kl"(, "prune")}`` (see ss_vae_losses)."""
         out = self(x, sample_posterior=True, target=target, generator=generator)
-        return ss_vae_losses(out.decoded, x, out.mean, out.logvar, self.cfg.loss_weights(), sharp=sharp,
+        return ss_vae_losses(out.decoded, x, out.mean, out.logvar, self.config.loss_weights(), sharp=sharp,
                              target=target, prune_logits=out.prune_logits or None,
                              prune_targets=out.prune_targets or None)
 

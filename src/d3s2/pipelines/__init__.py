@@ -3,7 +3,7 @@
 Names are imported lazily so that the CLI's ``--help`` does not import torch.
 """
 
-__all__ = ["ImageTo3DPipeline", "PipelineSettings", "preprocess_image"]
+__all__ = ["ImageTo3DPipeline", "ImageTo3DOutput", "PipelineSettings", "preprocess_image"]
 
 
 def __getattr__(name):
@@ -11,6 +11,10 @@ def __getattr__(name):
         from d3s2.pipelines import image_to_3d
 
         return getattr(image_to_3d, name)
+    if name == "ImageTo3DOutput":
+        from d3s2.pipelines.output_types import ImageTo3DOutput
+
+        return ImageTo3DOutput
     if name == "preprocess_image":
         from d3s2.pipelines.preprocess import preprocess_image
 

@@ -24,6 +24,14 @@ from d3s2.geometry.report import MeshReport
 __all__ = ["add_parser", "run_generate", "format_stats"]
 
 
+class _GuidanceFlag(argparse.Action):
+    """Stores the guidance scale and which of ``--guidance-scale`` / ``--cfg`` gave it (named in error messages)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.guidance_flag = option_string
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="image(s) to 3D mesh(es)",
                        description="Generate a mesh per image with the Direct3D-S2 pipeline (structure, 512 and "
@@ -52,7 +60,10 @@ def add_parser(sub) -> None:
     p.add_argument("--steps-dense", type=int, default=None, help="structure-stage steps (release: 50)")
     p.add_argument("--steps-512", type=int, default=None, help="512-stage steps (release: 30)")
     p.add_argument("--steps-1024", type=int, default=None, help="1024-stage steps (release: 15)")
-    p.add_argument("--cfg", type=float, default=None, help="guidance scale for every stage (release: 7.0)")
+    p.add_argument("--guidance-scale", type=float, default=None, dest="guidance_scale", action=_GuidanceFlag,
+                   help="classifier-free guidance scale for every stage (release: 7.0)")
+    p.add_argument("--cfg", type=float, dest="guidance_scale", action=_GuidanceFlag,
+                   help=argparse.SUPPRESS)  # the flag's former name, still accepted
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--low-vram", action="store_true", help="keep each model on the GPU only for its stage")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -118,14 +129,14 @@ def run_generate(args: argparse.Namespace) -> int:
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                meshes = pipe(image, generator=torch.Generator().manual_seed(args.seed), resolution=args.resolution,
-                              num_inference_steps=steps, guidance_scale=args.cfg, faces=args.faces,
+                out = pipe(image, generator=torch.Generator().manual_seed(args.seed), resolution=args.resolution,
+                              num_inference_steps=steps, guidance_scale=args.guidance_scale, faces=args.faces,
                               progress=not args.no_progress)
-            save_mesh(meshes[0], target, args.format)
+            save_mesh(out.meshes[0], target, args.format)
             if args.preview:
                 from d3s2.pipelines.preview import write_preview
 
-                write_preview(preview, image, meshes[0], device=str(pipe.device))
+                write_preview(preview, image, out.meshes[0], device=str(pipe.device))
         except D3S2Error as exc:
             failed += 1
             _print_warnings(caught)
@@ -138,12 +149,12 @@ def run_generate(args: argparse.Namespace) -> int:
             print(f"d3s2 generate: error: {image}: unexpected {type(exc).__name__}: {msg}", file=sys.stderr)
             continue
         _print_warnings(caught)
-        m = meshes[0]
+        m = out.meshes[0]
         extra = f" + {os.fspath(preview)}" if args.preview else ""
         report = m.metadata.get("d3s2_report")
         shape = f"; {MeshReport(**report).summary()}" if report else ""
         print(f"{image} -> {os.fspath(target)}{extra} ({len(m.vertices)} vertices, {len(m.faces)} faces{shape}): "
-              f"{format_stats(pipe.last_stats)}")
+              f"{format_stats(out.stats)}")
     if failed:
         print(f"d3s2 generate: {failed} of {len(images)} image(s) failed", file=sys.stderr)
         return 1

@@ -220,7 +220,7 @@ def _ensure_dinov2(s: HubSettings) -> None:
 def _d3s2_weight_files(yaml_path: Path, resolution: int | None, where: str) -> list[str]:
     import yaml
 
-    from d3s2.pipelines.image_to_3d import COMPONENTS, OPTIONAL_COMPONENTS, STAGE_1024_COMPONENTS
+    from d3s2.pipelines.folder_format import COMPONENTS, OPTIONAL_COMPONENTS, STAGE_1024_COMPONENTS
 
     try:
         data = yaml.safe_load(yaml_path.read_text()) or {}

@@ -1,6 +1,7 @@
 """Image-to-3D inference pipeline (paper Sec. 4.3 / 5.2; recipe of shared/reference/official-release.md).
 
-Stages, each timed (seconds and peak GPU memory) in :attr:`ImageTo3DPipeline.last_stats`:
+A call returns an :class:`~d3s2.pipelines.output_types.ImageTo3DOutput` (meshes, stats, notes). Stages, each timed
+(seconds and peak GPU memory) in its ``stats`` (also kept as :attr:`ImageTo3DPipeline.last_stats`):
 
 1. ``preprocess``: :func:`d3s2.pipelines.preprocess.preprocess_image` (RGB + mask at the encoder's image size).
 2. ``condition``: DINOv2 tokens; sparse conditioning (Eq. 9) for SS-DiTs with ``sparse_conditioning`` (v1.0), dense
@@ -11,7 +12,7 @@ Stages, each timed (seconds and peak GPU memory) in :attr:`ImageTo3DPipeline.las
    marching cubes at ``mc_level_512``.
 5. ``sparse_1024`` (optional): unsigned band of the 512 mesh at the 1024 grid (``tau = band_voxels / R``),
    ``coords // 8`` -> latent coordinates, SS-DiT-1024 from fresh noise, SS-VAE-1024 decode in spatial chunks
-   (:func:`decode_sparse_chunked`, exact), marching cubes at ``mc_level_1024``.
+   (:meth:`d3s2.models.ss_vae.SSVAE.decode` with ``chunk``, exact), marching cubes at ``mc_level_1024``.
 6. ``cleanup``: floaters, optional decimation to ``faces`` (:func:`d3s2.geometry.cleanup.clean_mesh`); with
    ``min_area_fraction = 0`` and no ``faces`` there is nothing to do (vertex normals are computed on the device right
    after marching cubes), which saves seconds on the millions of faces of a 1024 mesh.
@@ -30,169 +31,44 @@ fp32 (a bf16 latent would lose the small Euler increments of the last steps) and
 model call. Each stage entry of :attr:`last_stats` also holds ``parts``: seconds and peak GPU bytes of its pieces
 (``dit``, ``decode``, ``marching_cubes``, ``band``, ``to_device`` / ``offload`` with ``low_vram``).
 
-Folder format (``save_pretrained`` / ``from_pretrained``): ``pipeline.yaml`` (format tag, settings, and per component
-its model config inline: ``model``, ``params``, ``sampler``) plus ``<component>.safetensors`` for each of
-``image_encoder, dense_vae, dense_dit, ss_vae_512, ss_dit_512`` and optionally ``ss_vae_1024, ss_dit_1024``.
-A shipped config such as ``configs/pipeline_tiny.yaml`` has the same layout but may name model configs
-(``config: dense_dit_tiny``) with ``params`` / ``sampler`` overrides; :meth:`ImageTo3DPipeline.from_config` builds a
-random-weight pipeline from it.
+Folder format (``save_pretrained`` / ``from_pretrained`` / ``from_config``): :mod:`d3s2.pipelines.folder_format`
+(``pipeline.yaml`` + one ``<component>.safetensors`` per model). Device placement, low-VRAM offload and the timing
+of stages and parts: :mod:`d3s2.pipelines.runtime`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
-import shutil
-import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
-import yaml
 
-from d3s2.config import MODEL_REGISTRY, from_dict, load_yaml, resolve_config_path
+from d3s2.config import load_yaml, model_class, resolve_config_path
 from d3s2.errors import D3S2Error
+from d3s2.pipelines.folder_format import (
+    COMPONENTS,
+    FORMAT_TAG,
+    OPTIONAL_COMPONENTS,
+    STAGE_1024_COMPONENTS,
+    Component,
+    PipelineSettings,
+    parse_pipeline_config,
+    pipeline_yaml_dict,
+    read_pipeline_folder,
+    write_pipeline_folder,
+)
+from d3s2.pipelines.output_types import ImageTo3DOutput
+from d3s2.pipelines.runtime import PipelineRuntime, StepBar, collect_notes
+from d3s2.pipelines.token_band import band_queries as _band_queries
+from d3s2.pipelines.token_band import latent_band_coords
+from d3s2.pipelines.validation import require_finite as _require_finite
 
-__all__ = ["PipelineSettings", "ImageTo3DPipeline", "decode_sparse_chunked", "latent_shell_coords",
+__all__ = ["PipelineSettings", "ImageTo3DPipeline", "ImageTo3DOutput", "latent_shell_coords",
            "latent_band_coords", "COMPONENTS", "OPTIONAL_COMPONENTS", "STAGE_1024_COMPONENTS", "FORMAT_TAG"]
-
-FORMAT_TAG = "d3s2-pipeline/1"
-COMPONENTS = ("image_encoder", "dense_vae", "dense_dit", "ss_vae_512", "ss_dit_512")
-OPTIONAL_COMPONENTS = ("ss_vae_1024", "ss_dit_1024", "refiner_512", "refiner_1024")
-STAGE_1024_COMPONENTS = ("ss_vae_1024", "ss_dit_1024", "refiner_1024")
-_KIND = {"dense_vae": "dense_vae", "dense_dit": "dense_dit", "ss_vae_512": "ss_vae", "ss_dit_512": "ss_dit",
-         "ss_vae_1024": "ss_vae", "ss_dit_1024": "ss_dit", "refiner_512": "sdf_refiner",
-         "refiner_1024": "sign_refiner"}
-
-
-@dataclass
-class PipelineSettings:
-    """Inference settings stored in ``pipeline.yaml`` (``settings:``)."""
-
-    occupancy_threshold: float = 0.1
-    mc_level_512: float = 0.0
-    mc_level_1024: float = 0.2
-    # the release's refiners (components refiner_512 / refiner_1024, pipelines/refining.py) when the pipeline has
-    # them: the 512 SDF refiner's output is meshed at mc_level_512_refined (the release: 0.4), the 1024 sign
-    # refiner's field at mc_level_1024
-    refine: bool = True
-    mc_level_512_refined: float = 0.4
-    band_voxels: float = 4.0  # 1024 stage: unsigned band |d| < band_voxels / R of the 512 mesh
-    decode_chunk: int | None = 64  # latent voxels per side of one SS-VAE decoding chunk (None: one shot)
-    min_area_fraction: float = 0.0  # cleanup: drop components below this fraction of the area
-    image_pad: int | None = None  # preprocessing margin (default: 16 px at 518, scaled)
-    # sparse stages: conditional + unconditional branch in one batched model call (None: on CUDA, where the SSA
-    # kernels are launch-bound at the 512 stage's token counts; two calls on the CPU, where batching gains nothing)
-    batch_cfg: bool | None = None
-    # sparse stages with batched guidance: replay each step's model call from a CUDA graph (None: on CUDA). The token
-    # set is fixed within a stage, so the graph is captured once per stage; launch overhead dominates at 512^3.
-    cuda_graphs: bool | None = None
-    # the release's computations where they differ from d3s2's (release folders set them; see pipelines/official.py)
-    band: str = "d3s2"  # 1024 token set: "d3s2" | "release" (renormalised mesh, grid points i/(R-1)), token_band.py
-    # absent voxels in marching cubes: "closed" (inside / outside values: closed surfaces, geometry/closed.py) |
-    # "d3s2" (no cell: open where the band stops) | "release" (value 1.0, vertex g/R*2-1)
-    surface: str = "closed"
-    closed_dilation: int = 1  # surface "closed": coarse cells the band is dilated by before the outside flood fill
-    closed_factor: int | None = None  # surface "closed": coarse cell size in voxels (None: grid of at most ~128^3)
-    min_volume_fraction: float = 0.0  # cleanup: drop closed components below this fraction of the largest's volume
-    remove_enclosed: bool = True  # cleanup: drop components inside another (generalised winding number > 0.5)
-    marching_cubes: str = "lorensen"  # "lorensen" (vectorised, any device) | "lewiner" (skimage's triangles, CPU)
-    preprocess: str = "d3s2"  # image framing: "d3s2" | "release" (pipelines/preprocess.py)
-
-    def __post_init__(self) -> None:
-        for name, allowed in (("band", ("d3s2", "release")), ("surface", ("closed", "d3s2", "release")),
-                              ("marching_cubes", ("lorensen", "lewiner")), ("preprocess", ("d3s2", "release"))):
-            if getattr(self, name) not in allowed:
-                raise D3S2Error(f"settings.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        if self.closed_dilation < 0 or (self.closed_factor is not None and self.closed_factor < 1):
-            raise D3S2Error("settings.closed_dilation must be >= 0 and closed_factor >= 1 (or null)")
-        if not (0 <= self.min_area_fraction < 1 and 0 <= self.min_volume_fraction < 1):
-            raise D3S2Error("settings.min_area_fraction / min_volume_fraction must lie in [0, 1)")
-        if self.marching_cubes == "lewiner" and self.surface != "release":
-            raise D3S2Error("settings.marching_cubes 'lewiner' needs surface 'release' (a value for absent voxels)")
-
-
-@dataclass
-class _Component:
-    model: str
-    params: Any
-    sampler: Any = None
-
-
-def _sampler_cls():
-    from d3s2.flow.sampler import SamplerConfig
-
-    return SamplerConfig
-
-
-def _model_class(name: str):
-    import importlib
-
-    if name not in MODEL_REGISTRY:
-        raise D3S2Error(f"unknown model '{name}' (known: {', '.join(sorted(MODEL_REGISTRY))})")
-    module, cls = MODEL_REGISTRY[name].split(":")
-    return getattr(importlib.import_module(module), cls)
-
-
-def _parse_component(name: str, spec: Any, where: str) -> _Component:
-    """A component entry: a config name / path, or a mapping with ``config`` (optional), ``model``, ``params``,
-    ``sampler`` (the latter two override the named config's sections field by field)."""
-    if isinstance(spec, str):
-        spec = {"config": spec}
-    if not isinstance(spec, dict):
-        raise D3S2Error(f"{where}: component '{name}' must be a config name or a mapping")
-    unknown = set(spec) - {"config", "model", "params", "sampler"}
-    if unknown:
-        raise D3S2Error(f"{where}: component '{name}' has unknown key '{sorted(unknown)[0]}' "
-                        "(valid: config, model, params, sampler)")
-    base: dict[str, Any] = {}
-    if "config" in spec:
-        base = load_yaml(resolve_config_path(spec["config"]))
-    model = spec.get("model", base.get("model"))
-    if model != _KIND[name]:
-        raise D3S2Error(f"{where}: component '{name}' must be a '{_KIND[name]}' model, got {model!r}")
-    params = {**(base.get("params") or {}), **(spec.get("params") or {})}
-    sampler_d = base.get("sampler"), spec.get("sampler")
-    cls = _model_class(model)
-    p = from_dict(cls.config_class, params, f"{where}:{name}.params")
-    s = None
-    if sampler_d[0] is not None or sampler_d[1] is not None:
-        s = from_dict(_sampler_cls(), {**(sampler_d[0] or {}), **(sampler_d[1] or {})}, f"{where}:{name}.sampler")
-    return _Component(model, p, s)
-
-
-def _encoder_config(spec: Any, where: str):
-    from d3s2.models.image_encoder import ImageEncoderConfig
-
-    if spec in (None, "release", "dinov2_vitl14_reg"):
-        return ImageEncoderConfig()
-    if spec == "tiny":
-        return ImageEncoderConfig.tiny()
-    if isinstance(spec, dict):
-        spec = dict(spec)
-        base = spec.pop("preset", None)
-        cfg = dataclasses.asdict(ImageEncoderConfig.tiny() if base == "tiny" else ImageEncoderConfig())
-        cfg.update(spec)
-        cfg["weights"] = None  # weights come from the pipeline folder
-        return from_dict(ImageEncoderConfig, cfg, f"{where}:image_encoder")
-    raise D3S2Error(f"{where}: image_encoder must be 'tiny', 'release' or a mapping of ImageEncoderConfig fields")
-
-
-def _peak_reset(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peak(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        return int(torch.cuda.max_memory_allocated(device))
-    return None
 
 
 def latent_shell_coords(coords: np.ndarray | torch.Tensor, factor: int = 8, batch: int = 0) -> torch.Tensor:
@@ -202,83 +78,9 @@ def latent_shell_coords(coords: np.ndarray | torch.Tensor, factor: int = 8, batc
     return torch.cat([torch.full((len(lat), 1), batch, dtype=torch.int64), lat], 1).to(torch.int32)
 
 
-from d3s2.pipelines.token_band import band_queries as _band_queries  # noqa: E402
-from d3s2.pipelines.token_band import latent_band_coords  # noqa: E402
-from d3s2.pipelines.validation import require_finite as _require_finite  # noqa: E402
-
-_LOW_VRAM_WORKSPACE = 10 << 30  # activations of the 1024 stage besides the weights (see bench/pipeline.py)
-
-
-def decode_sparse_chunked(vae, z, chunk: int | None = None, halo: int = 3, return_features: bool = False):
-    """SS-VAE decode with the up-sampling stack run in spatial chunks of ``chunk`` latent voxels per side.
-
-    The transformer blocks run once on all latent tokens (their attention windows span chunks); only the conv /
-    subdivide stack, where the memory goes (8^3 children per latent voxel), is chunked. Its receptive field is under
-    3 latent voxels (conv3 at the latent level, then half, quarter, eighth voxels per level), so a ``halo`` of 3
-    latent voxels makes every kept output identical to the one-shot decode (there are no norms in that stack).
-    ``chunk=None`` decodes in one piece. Returns the decoded SparseTensor (children grouped by chunk); with
-    ``return_features`` a pair ``(decoded, features [M', C])``, the decoder's last features row by row."""
-    from d3s2.sparse import SparseTensor
-
-    dec = vae.decoder
-    if chunk is None or getattr(dec, "upsample", None) is None or any(b.prune is not None for b in dec.upsample):
-        return vae.decode(z, return_features=return_features)
-    h = dec.input_layer(z)
-    h = h + dec.pos_embedder(h.coords[:, 1:]).to(h.dtype)
-    for block in dec.blocks:
-        h = block(h)
-    if dec.out_norm:
-        import torch.nn.functional as F
-
-        h = h.replace(F.layer_norm(h.feats.float(), h.feats.shape[-1:], eps=1e-6).to(h.dtype))
-    coords = h.coords.long()
-    cell = torch.div(coords[:, 1:], chunk, rounding_mode="floor")
-    keys = torch.unique(torch.cat([coords[:, :1], cell], 1), dim=0)
-    factor = 2 ** len(dec.upsample)
-    feats_out, coords_out, last = [], [], []
-    for key in keys:
-        b, lo = int(key[0]), key[1:] * chunk
-        hi = lo + chunk
-        in_b = coords[:, 0] == b
-        near = in_b & ((coords[:, 1:] >= lo - halo) & (coords[:, 1:] < hi + halo)).all(1)
-        idx = torch.nonzero(near).squeeze(1)
-        part = SparseTensor(h.feats[idx], h.coords[idx], h.batch_size, h.resolution, h.stride)
-        for block in dec.upsample:
-            part, _ = block(part)
-        out = dec.out_layer(part)
-        parent = torch.div(out.coords[:, 1:].long(), factor, rounding_mode="floor")
-        core = ((parent >= lo) & (parent < hi)).all(1)
-        feats_out.append(torch.tanh(out.feats[core]))
-        coords_out.append(out.coords[core])
-        if return_features:
-            last.append(part.feats[core])
-        del part, out
-    decoded = SparseTensor(torch.cat(feats_out), torch.cat(coords_out), h.batch_size,
-                           h.resolution * factor if h.resolution is not None else None)
-    return (decoded, torch.cat(last)) if return_features else decoded
-
-
-class _Bar:
-    """A tqdm bar per stage that counts sampling steps (``sample_euler``'s ``step_callback``)."""
-
-    def __init__(self, total: int, desc: str, enabled: bool):
-        self.bar = None
-        if enabled:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, leave=False)
-
-    def __call__(self, step: int) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
 class ImageTo3DPipeline:
-    """Image(s) -> list of ``trimesh.Trimesh`` (see module docstring).
+    """Image(s) -> :class:`~d3s2.pipelines.output_types.ImageTo3DOutput` (one ``trimesh.Trimesh`` per image; see
+    the module docstring).
 
     ``models``: dict with the modules named in :data:`COMPONENTS` (and optionally :data:`OPTIONAL_COMPONENTS`);
     ``samplers``: per DiT component a :class:`~d3s2.flow.SamplerConfig` (steps / cfg / shift defaults).
@@ -290,7 +92,7 @@ class ImageTo3DPipeline:
     def __init__(self, models: dict[str, torch.nn.Module], samplers: dict[str, Any] | None = None,
                  settings: PipelineSettings | None = None, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, low_vram: bool | None = None,
-                 component_configs: dict[str, _Component] | None = None, encoder_config: Any = None,
+                 component_configs: dict[str, Component] | None = None, encoder_config: Any = None,
                  background_remover: Callable | None = None, matting: str | None = None) -> None:
         missing = [c for c in COMPONENTS if c not in models]
         if missing:
@@ -320,35 +122,7 @@ class ImageTo3DPipeline:
         for m in self.models.values():
             m.eval().requires_grad_(False)
         self._check_dims()
-        if low_vram is None:
-            low_vram = False
-            if self.device.type == "cuda":
-                # resident weights in their run dtypes (encoder fp32) + a working set for the 1024 stage; weights
-                # already on the card count as free (they would be replaced, not duplicated)
-                item = torch.empty(0, dtype=self.dtype).element_size()
-                size = sum(p.numel() * (4 if n == "image_encoder" else item)
-                           for n, m in self.models.items() for p in m.parameters())
-                here = sum(p.numel() * p.element_size() for m in self.models.values() for p in m.parameters()
-                           if p.device.type == "cuda")
-                free = torch.cuda.mem_get_info(self.device)[0] + here
-                low_vram = free < size + _LOW_VRAM_WORKSPACE
-        self.low_vram = bool(low_vram)
-        self._parts: dict | None = None
-        self._peak_seen = 0
-        for name, m in self.models.items():
-            m.to(dtype=torch.float32 if name == "image_encoder" else self.dtype)
-            m.to("cpu" if self.low_vram else self.device)
-        # low_vram: the host copy of every weight stays put (pinned on CUDA, so the upload runs at full PCIe speed);
-        # a stage points the modules at device copies and, afterwards, back at the host copies: inference never writes
-        # weights, so nothing is copied back.
-        self._host: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        if self.low_vram:
-            for name, m in self.models.items():
-                pairs = []
-                for t in (*m.parameters(), *m.buffers()):
-                    t.data = self._pinned(t.data)
-                    pairs.append((t, t.data))
-                self._host[name] = pairs
+        self.runtime = PipelineRuntime(self.models, self.device, self.dtype, low_vram)
 
     # ------------------------------------------------------------------ construction
     def _check_dims(self) -> None:
@@ -363,7 +137,7 @@ class ImageTo3DPipeline:
         for s in ("512", "1024"):
             if f"ss_dit_{s}" not in m:
                 continue
-            dit, vae = m[f"ss_dit_{s}"].config, m[f"ss_vae_{s}"].cfg
+            dit, vae = m[f"ss_dit_{s}"].config, m[f"ss_vae_{s}"].config
             if dit.cond_channels != enc_c:
                 raise D3S2Error(f"ss_dit_{s}.cond_channels {dit.cond_channels} != image encoder width {enc_c}")
             if dit.in_channels != vae.latent_channels:
@@ -373,7 +147,7 @@ class ImageTo3DPipeline:
     @property
     def resolution_512(self) -> int:
         """Voxel grid of the first sparse stage (512 for the release; smaller for the tiny configs)."""
-        return self.models["dense_vae"].config.resolution * self.models["ss_vae_512"].cfg.downsample_factor
+        return self.models["dense_vae"].config.resolution * self.models["ss_vae_512"].config.downsample_factor
 
     @property
     def resolution_1024(self) -> int | None:
@@ -389,32 +163,14 @@ class ImageTo3DPipeline:
         else:
             path = resolve_config_path(config)
             data, where = load_yaml(path), path.name
-        comps, enc_cfg, settings = cls._parse(data, where)
+        comps, enc_cfg, settings = parse_pipeline_config(data, where)
         if seed is not None:
             torch.manual_seed(seed)
         models = {"image_encoder": DINOv2Encoder(enc_cfg)}
         for name, comp in comps.items():
-            models[name] = _model_class(comp.model)(comp.params)
+            models[name] = model_class(comp.model)(comp.params)
         samplers = {n: c.sampler for n, c in comps.items() if c.sampler is not None}
         return cls(models, samplers, settings, component_configs=comps, encoder_config=enc_cfg, **kwargs)
-
-    @staticmethod
-    def _parse(data: dict, where: str):
-        unknown = set(data) - {"format", "image_encoder", "components", "settings"}
-        if unknown:
-            raise D3S2Error(f"{where}: unknown top-level key '{sorted(unknown)[0]}' "
-                            "(valid: format, image_encoder, components, settings)")
-        spec = data.get("components") or {}
-        missing = [c for c in COMPONENTS[1:] if c not in spec]
-        if missing:
-            raise D3S2Error(f"{where}: components is missing {', '.join(missing)}")
-        extra = set(spec) - set(COMPONENTS) - set(OPTIONAL_COMPONENTS)
-        if extra:
-            raise D3S2Error(f"{where}: unknown component '{sorted(extra)[0]}'")
-        comps = {n: _parse_component(n, spec[n], where) for n in (*COMPONENTS[1:], *OPTIONAL_COMPONENTS) if n in spec}
-        enc = _encoder_config(data.get("image_encoder"), where)
-        settings = from_dict(PipelineSettings, data.get("settings"), f"{where}:settings")
-        return comps, enc, settings
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = None,
@@ -425,9 +181,6 @@ class ImageTo3DPipeline:
         the authors' release layout (``config.yaml`` + ``.ckpt``; see :mod:`d3s2.pipelines.official`), or a hub id of
         either (downloaded by :mod:`d3s2.pipelines.hub`). ``resolution=512`` skips the 1024 stage's weights;
         ``refiners=False`` leaves the refiners (``refiner_512`` / ``refiner_1024``) out."""
-        from safetensors.torch import load_file
-
-        from d3s2.models.image_encoder import DINOv2Encoder
         from d3s2.pipelines import hub
 
         folder = Path(path)
@@ -446,155 +199,23 @@ class ImageTo3DPipeline:
                                               resolution=resolution, refiners=refiners, **kwargs)
             raise D3S2Error(f"{folder}: no pipeline.yaml: not a d3s2 pipeline folder (save one with "
                             "ImageTo3DPipeline.save_pretrained)")
-        data = load_yaml(cfg_path)
-        if data.get("format") != FORMAT_TAG:
-            raise D3S2Error(f"{cfg_path}: format {data.get('format')!r} is not {FORMAT_TAG!r}")
-        comps, enc_cfg, settings = cls._parse(data, cfg_path.name)
-        if resolution == 512:
-            comps = {n: c for n, c in comps.items() if n not in STAGE_1024_COMPONENTS}
-        if not refiners:
-            comps = {n: c for n, c in comps.items() if not n.startswith("refiner_")}
-        models: dict[str, torch.nn.Module] = {}
-        names = ["image_encoder", *comps]
-        for name in names:
-            f = folder / f"{name}.safetensors"
-            if not f.is_file():
-                raise D3S2Error(f"{folder}: missing weights file {f.name}")
-            model = DINOv2Encoder(enc_cfg) if name == "image_encoder" else _model_class(comps[name].model)(
-                comps[name].params)
-            try:
-                sd = load_file(str(f))
-            except Exception as exc:  # safetensors raises its own error types on corrupt headers
-                raise D3S2Error(f"{f}: not a readable safetensors file ({' '.join(str(exc).split())[:200]})") from exc
-            try:
-                model.load_state_dict(sd, strict=True)
-            except RuntimeError as exc:
-                raise D3S2Error(f"{f}: weights do not match the config in pipeline.yaml "
-                                f"({' '.join(str(exc).split())[:300]})") from exc
-            models[name] = model
-        samplers = {n: c.sampler for n, c in comps.items() if c.sampler is not None}
-        return cls(models, samplers, settings, device=device, dtype=dtype, low_vram=low_vram,
-                   component_configs=comps, encoder_config=enc_cfg, **kwargs)
-
-    def _yaml_dict(self) -> dict:
-        comps = {}
-        for name in (*COMPONENTS[1:], *OPTIONAL_COMPONENTS):
-            if name not in self.models:
-                continue
-            m = self.models[name]
-            params = m.config if hasattr(m, "config") and dataclasses.is_dataclass(m.config) else m.cfg
-            entry = {"model": _KIND[name], "params": dataclasses.asdict(params)}
-            if self.samplers.get(name) is not None:
-                entry["sampler"] = dataclasses.asdict(self.samplers[name])
-            comps[name] = entry
-        enc = dataclasses.asdict(self.models["image_encoder"].config)
-        enc.pop("weights", None)
-        return {"format": FORMAT_TAG, "image_encoder": enc, "components": comps,
-                "settings": dataclasses.asdict(self.settings)}
+        read = read_pipeline_folder(folder, resolution, refiners)
+        return cls(read.models, read.samplers, read.settings, device=device, dtype=dtype, low_vram=low_vram,
+                   component_configs=read.components, encoder_config=read.encoder_config, **kwargs)
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
-        """Write ``pipeline.yaml`` + ``<component>.safetensors`` into ``path``; the files are written in a temporary
-        folder beside it and moved in afterwards, ``pipeline.yaml`` last, so a reader never loads a half-saved
-        pipeline."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
-            for name, m in self.models.items():
-                sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in m.state_dict().items()}
-                save_file(sd, str(tmp / f"{name}.safetensors"))
-            (tmp / "pipeline.yaml").write_text(
-                "# d3s2 image-to-3D pipeline (ImageTo3DPipeline.save_pretrained)\n"
-                + yaml.safe_dump(self._yaml_dict(), sort_keys=False))
-            if not path.exists():
-                os.replace(tmp, path)
-            else:
-                if (path / "pipeline.yaml").exists():
-                    os.unlink(path / "pipeline.yaml")
-                for f in sorted(tmp.iterdir(), key=lambda p: p.name == "pipeline.yaml"):
-                    os.replace(f, path / f.name)
-                tmp.rmdir()
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        return path
+        """Write ``pipeline.yaml`` + ``<component>.safetensors`` into ``path``
+        (:func:`~d3s2.pipelines.folder_format.write_pipeline_folder`: written beside it and moved in, ``pipeline.yaml``
+        last, so a reader never loads a half-saved pipeline)."""
+        return write_pipeline_folder(path, self.models, pipeline_yaml_dict(self.models, self.samplers, self.settings))
 
     # ------------------------------------------------------------------ helpers
-    def _pinned(self, t: torch.Tensor) -> torch.Tensor:
-        if self.device.type != "cuda":
-            return t
-        try:
-            return t.pin_memory()
-        except RuntimeError:  # pinning can fail (locked-memory limits): pageable copies still work, slower
-            return t
+    @property
+    def low_vram(self) -> bool:
+        """Whether the models stay on the host between stages (:class:`~d3s2.pipelines.runtime.PipelineRuntime`)."""
+        return self.runtime.low_vram
 
-    def _use(self, *names: str):
-        """Context: the named models on the compute device (back on their host copies afterwards when low_vram)."""
-        pipe = self
-
-        class _Ctx:
-            def __enter__(self):
-                if pipe.low_vram:
-                    with pipe._part("to_device"):
-                        for n in names:
-                            for t, host in pipe._host[n]:
-                                t.data = host.to(pipe.device, non_blocking=True)
-                return [pipe.models[n] for n in names]
-
-            def __exit__(self, *exc):
-                if pipe.low_vram:
-                    with pipe._part("offload"):
-                        for n in names:
-                            for t, host in pipe._host[n]:
-                                t.data = host
-                        if pipe.device.type == "cuda":
-                            torch.cuda.empty_cache()
-                return False
-
-        return _Ctx()
-
-    @contextlib.contextmanager
-    def _part(self, name: str):
-        """Times a piece of the current stage (seconds, peak GPU bytes) into its ``parts`` entry."""
-        if self._parts is None:
-            yield
-            return
-        self._peak_seen = max(self._peak_seen, _peak(self.device) or 0)
-        _peak_reset(self.device)
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            entry = self._parts.setdefault(name, {"seconds": 0.0, "peak_gpu_bytes": None})
-            entry["seconds"] += time.perf_counter() - t0
-            pk = _peak(self.device)
-            if pk is not None:
-                entry["peak_gpu_bytes"] = max(entry["peak_gpu_bytes"] or 0, pk)
-                self._peak_seen = max(self._peak_seen, pk)
-
-    def _stage(self, name: str, stats: list, fn: Callable, *args, **kwargs):
-        _peak_reset(self.device)
-        self._parts, self._peak_seen = {}, 0
-        t0 = time.perf_counter()
-        try:
-            out = fn(*args, **kwargs)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-        finally:
-            parts, self._parts = self._parts, None
-        peak = _peak(self.device)
-        entry = {"stage": name, "seconds": time.perf_counter() - t0,
-                 "peak_gpu_bytes": None if peak is None else max(peak, self._peak_seen)}
-        if parts:
-            entry["parts"] = parts
-        stats.append(entry)
-        return out
-
-    def sampler_config(self, name: str, steps: int | None = None, cfg: float | None = None,
+    def sampler_config(self, name: str, steps: int | None = None, guidance_scale: float | None = None,
                        shift: float | None = None):
         """The sampler settings of stage ``name`` (``dense_dit``, ``ss_dit_512``, ``ss_dit_1024``): the pipeline's
         config (else the release's 50 / 30 / 15 steps, CFG 7, shift 6 / 6 / 8), overridden where a value is given."""
@@ -603,29 +224,30 @@ class ImageTo3DPipeline:
         defaults = {"dense_dit": (50, 6.0), "ss_dit_512": (30, 6.0), "ss_dit_1024": (15, 8.0)}[name]
         base = self.samplers.get(name) or SamplerConfig(steps=defaults[0], cfg_scale=7.0, shift=defaults[1])
         return dataclasses.replace(base, steps=steps if steps is not None else base.steps,
-                                   cfg_scale=cfg if cfg is not None else base.cfg_scale,
+                                   cfg_scale=guidance_scale if guidance_scale is not None else base.cfg_scale,
                                    shift=shift if shift is not None else base.shift)
 
     def _randn(self, shape, generator, dtype=torch.float32) -> torch.Tensor:
         # Noise is drawn on the CPU so that a seed gives the same result on any device.
         return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device, dtype)
 
-    def _sample(self, name, model, noise, cond, uncond, cfg, kwargs, progress, desc):
+    def _sample(self, name, model, noise, cond, uncond, sc, kwargs, progress, desc):
+        """Euler sampling of one stage with the stage's sampler settings ``sc`` (a SamplerConfig)."""
         from d3s2.flow.latents import is_sparse
         from d3s2.flow.sampler import is_guided, sample_euler
 
-        guided = is_guided(cfg.cfg_scale)
+        guided = is_guided(sc.cfg_scale)
         batch_cfg = self.settings.batch_cfg
         if batch_cfg is None:
             batch_cfg = self.device.type == "cuda" or not is_sparse(noise)
         graphs = self.settings.cuda_graphs
         if graphs is None:
             graphs = self.device.type == "cuda"
-        bar = _Bar(cfg.steps, desc, progress)
+        bar = StepBar(sc.steps, desc, progress)
         try:
-            return sample_euler(model, noise, cond, uncond if guided else None, steps=cfg.steps,
-                                cfg_scale=cfg.cfg_scale, shift=cfg.shift, t_scale=cfg.t_scale, batch_cfg=batch_cfg,
-                                model_kwargs=kwargs, schedule=cfg.schedule, state_dtype=cfg.state_dtype,
+            return sample_euler(model, noise, cond, uncond if guided else None, steps=sc.steps,
+                                guidance_scale=sc.cfg_scale, shift=sc.shift, t_scale=sc.t_scale, batch_cfg=batch_cfg,
+                                model_kwargs=kwargs, schedule=sc.schedule, state_dtype=sc.state_dtype,
                                 model_dtype=self.dtype, cuda_graphs=graphs and is_sparse(noise), step_callback=bar)
         finally:
             bar.close()
@@ -644,8 +266,8 @@ class ImageTo3DPipeline:
     def _condition(self, pixels: torch.Tensor):
         from d3s2.models.conditioning import sparse_condition
 
-        with self._use("image_encoder") as (enc,):
-            with self._part("encoder"):
+        with self.runtime.use("image_encoder") as (enc,):
+            with self.runtime.part("encoder"):
                 tokens = enc(pixels.to(self.device)).float()
         out = {"dense": tokens}
         for s in ("512", "1024"):
@@ -656,7 +278,8 @@ class ImageTo3DPipeline:
         return out
 
     @torch.no_grad()
-    def _structure(self, cond, generator, steps, cfg, shift, progress, hook=None, noise_hook=None) -> torch.Tensor:
+    def _structure(self, cond, generator, steps, guidance_scale, shift, progress, hook=None,
+                   noise_hook=None) -> torch.Tensor:
         from d3s2.models.dense_vae import occupancy_to_coords
 
         dit_cfg = self.models["dense_dit"].config
@@ -665,19 +288,19 @@ class ImageTo3DPipeline:
         shape = (b, dit_cfg.in_channels, r, r, r)
         noise = (self._randn(shape, generator) if noise_hook is None  # fp32 latent, cast inside the model
                  else torch.as_tensor(noise_hook("dense", shape)).to(self.device, torch.float32))
-        sc = self.sampler_config("dense_dit", steps, cfg, shift)
-        with self._use("dense_dit") as (dit,):
+        sc = self.sampler_config("dense_dit", steps, guidance_scale, shift)
+        with self.runtime.use("dense_dit") as (dit,):
             tokens = cond["dense"].to(self.dtype)
-            with self._part("dit"):
+            with self.runtime.part("dit"):
                 latent = self._sample("dense_dit", dit, noise, tokens, torch.zeros_like(tokens), sc, {}, progress,
                                       "structure")
-        with self._use("dense_vae") as (vae,):
-            with self._part("decode"):
+        with self.runtime.use("dense_vae") as (vae,):
+            with self.runtime.part("decode"):
                 logits = vae.decode(latent)
                 _require_finite(logits, "structure")
                 coords = occupancy_to_coords(logits, self.settings.occupancy_threshold)
         if hook is not None:
-            with self._part("hook"):
+            with self.runtime.part("hook"):
                 coords = torch.as_tensor(hook(coords)).to(self.device, torch.int32)
         counts = torch.bincount(coords[:, 0].long(), minlength=b)
         empty = torch.nonzero(counts == 0).flatten().tolist()
@@ -687,7 +310,7 @@ class ImageTo3DPipeline:
         return coords
 
     @torch.no_grad()
-    def _sparse(self, stage: str, coords: torch.Tensor, b: int, cond, generator, steps, cfg, shift, progress,
+    def _sparse(self, stage: str, coords: torch.Tensor, b: int, cond, generator, steps, guidance_scale, shift, progress,
                 chunk: int | None, hook=None, noise_hook=None, features: bool = False):
         """SS-DiT sampling + SS-VAE decoding of one sparse stage: the decoded SparseTensor, or with ``features``
         a pair ``(decoded, decoder features)`` (the 512 SDF refiner's input)."""
@@ -699,29 +322,28 @@ class ImageTo3DPipeline:
         noise = (self._randn((coords.shape[0], dit_cfg.in_channels), generator) if noise_hook is None  # fp32 latent
                  else torch.as_tensor(noise_hook(stage, coords)).to(self.device, torch.float32))
         x = SparseTensor(noise, coords, batch_size=b)
-        sc = self.sampler_config(dit_name, steps, cfg, shift)
+        sc = self.sampler_config(dit_name, steps, guidance_scale, shift)
         if stage in cond:  # sparse conditioning (v1.0)
             sparse = cond[stage]
             tokens = sparse.tokens.to(self.dtype)
             kwargs = {"cond_mask": sparse.mask, "cond_coords": sparse.coords}
         else:
             tokens, kwargs = cond["dense"].to(self.dtype), {}
-        with self._use(dit_name) as (dit,):
-            with self._part("dit"):
+        with self.runtime.use(dit_name) as (dit,):
+            with self.runtime.part("dit"):
                 latent = self._sample(dit_name, dit, x, tokens, torch.zeros_like(tokens), sc, kwargs, progress,
                                       f"sparse {stage}")
         del x, noise
-        with self._use(vae_name) as (vae,):
-            with self._part("decode"):
+        with self.runtime.use(vae_name) as (vae,):
+            with self.runtime.part("decode"):
                 vae_dtype = next(vae.parameters()).dtype
-                decoded = decode_sparse_chunked(vae, latent.replace(latent.feats.to(vae_dtype)), chunk,
-                                                return_features=features)
+                decoded = vae.decode(latent.replace(latent.feats.to(vae_dtype)), chunk, return_features=features)
         feats = None
         if features:
             decoded, feats = decoded
         _require_finite(decoded.feats, f"sparse {stage}")
         if hook is not None:
-            with self._part("hook"):
+            with self.runtime.part("hook"):
                 decoded = hook(stage, decoded)
                 if feats is not None and len(feats) != decoded.num_voxels:
                     raise D3S2Error(f"the 'decoded' hook changed the {stage} stage's voxels; with the refiner on, "
@@ -733,10 +355,10 @@ class ImageTo3DPipeline:
         from d3s2.pipelines.refining import refine_decoded, refined_level, refiner_name
 
         name = refiner_name(self.models, self.settings, stage)
-        bar = _Bar(27, f"refiner {stage}", progress)
+        bar = StepBar(27, f"refiner {stage}", progress)
         try:
-            with self._use(name) as (net,):
-                with self._part("refiner"):
+            with self.runtime.use(name) as (net,):
+                with self.runtime.part("refiner"):
                     return refine_decoded(net, stage, decoded, features, b, resolution,
                                           refined_level(self.settings, stage), progress=lambda i, n: bar(i))
         finally:
@@ -751,7 +373,7 @@ class ImageTo3DPipeline:
 
         out = []
         for i in range(b):
-            with self._part("marching_cubes"):
+            with self.runtime.part("marching_cubes"):
                 if fields is not None:
                     verts, faces = extract_refined_surface(fields[i], self.settings)
                 else:
@@ -761,9 +383,9 @@ class ImageTo3DPipeline:
             if len(faces) == 0:
                 raise D3S2Error(f"image {i}: the decoded SDF has no surface at level {level} at "
                                 f"{resolution}^3; try another seed")
-            with self._part("normals"):  # on the compute device: trimesh's take seconds on millions of faces
+            with self.runtime.part("normals"):  # on the compute device: trimesh's take seconds on millions of faces
                 normals = vertex_normals(verts, faces)
-            with self._part("to_host"):
+            with self.runtime.part("to_host"):
                 out.append(trimesh.Trimesh(verts.cpu().numpy(), faces.cpu().numpy(),
                                            vertex_normals=normals.cpu().numpy(), process=False))
         return out
@@ -773,16 +395,16 @@ class ImageTo3DPipeline:
         CUDA with warp-lang, libigl on the CPU; ``settings.band`` picks d3s2's or the release's rule)."""
         from d3s2.pipelines.token_band import RELEASE_BAND_VOXELS, release_band_mesh
 
-        factor = self.models["ss_vae_1024"].cfg.downsample_factor
+        factor = self.models["ss_vae_1024"].config.downsample_factor
         release = self.settings.band == "release"
         parts = []
         for i, mesh in enumerate(meshes):
             v = release_band_mesh(mesh.vertices) if release else np.asarray(mesh.vertices, dtype=np.float64)
             f = np.asarray(mesh.faces, dtype=np.int64)
             tau = RELEASE_BAND_VOXELS / resolution if release else self.settings.band_voxels / resolution
-            with self._part("band_bvh"):
+            with self.runtime.part("band_bvh"):
                 queries = _band_queries(v, f, self.device)
-            with self._part("band"):
+            with self.runtime.part("band"):
                 lat = latent_band_coords(v, f, resolution, tau, factor, device=self.device, batch=i, queries=queries,
                                          rule=self.settings.band)
             del queries
@@ -792,12 +414,14 @@ class ImageTo3DPipeline:
         return torch.cat(parts)
 
     # ------------------------------------------------------------------ call
-    @torch.no_grad()
-    def __call__(self, image, generator: torch.Generator | None = None, resolution: int = 512,
-                 num_inference_steps: dict | int | None = None, guidance_scale: dict | float | None = None,
-                 shift: dict | float | None = None, faces: int | None = None, progress: bool = True,
-                 structure_coords: torch.Tensor | None = None, hooks: dict[str, Callable] | None = None) -> list:
-        """Generate one mesh per image.
+    def __call__(self, image: Any, generator: torch.Generator | None = None, resolution: int = 512,
+                 num_inference_steps: dict[str, int | None] | int | None = None,
+                 guidance_scale: dict[str, float | None] | float | None = None,
+                 shift: dict[str, float | None] | float | None = None, faces: int | None = None,
+                 progress: bool = True, structure_coords: torch.Tensor | None = None,
+                 hooks: dict[str, Callable] | None = None) -> ImageTo3DOutput:
+        """Generate one mesh per image: an :class:`~d3s2.pipelines.output_types.ImageTo3DOutput` (``meshes``,
+        ``stats``, ``notes``; indexing / iterating it gives the meshes, as the list returned before).
 
         ``image``: a path, PIL image, array or a list of them. ``resolution``: 512 (first sparse stage) or 1024 (adds
         the refinement stage; needs its models). For the tiny configs these name the stages, whose grids are
@@ -814,8 +438,18 @@ class ImageTo3DPipeline:
         run (:class:`~d3s2.geometry.refine.RefinedField` per sample; random refiner weights give no shape);
         ``"noise"``: ``fn("dense", shape)`` / ``fn("512" | "1024",
         coords [N, 4])`` -> the initial noise (the parity harness injects the same noise into the authors' pipeline).
-        Per-stage seconds and peak GPU bytes (and ``parts``): :attr:`last_stats` and each mesh's
-        ``metadata["d3s2_stats"]``."""
+        Per-stage seconds and peak GPU bytes (and ``parts``): the output's ``stats`` (also :attr:`last_stats`) and
+        each mesh's ``metadata["d3s2_stats"]``. User-facing warnings of the run (:class:`UserWarning`, e.g. an image
+        without alpha channel) are the output's ``notes``; they are still emitted as warnings, after the run."""
+        notes: list[str] = []
+        with collect_notes(notes):
+            meshes = self._generate(image, generator, resolution, num_inference_steps, guidance_scale, shift, faces,
+                                    progress, structure_coords, hooks)
+        return ImageTo3DOutput(meshes, self.last_stats, notes)
+
+    @torch.no_grad()
+    def _generate(self, image, generator, resolution, num_inference_steps, guidance_scale, shift, faces, progress,
+                  structure_coords, hooks) -> list:
         images = list(image) if isinstance(image, (list, tuple)) else [image]
         if not images:
             raise D3S2Error("no images given")
@@ -840,10 +474,10 @@ class ImageTo3DPipeline:
         self.last_stats = stats
         b = len(images)
         t_all = time.perf_counter()
-        pixels = self._stage("preprocess", stats, self.encode_images, images)
-        cond = self._stage("condition", stats, self._condition, pixels)
+        pixels = self.runtime.stage("preprocess", stats, self.encode_images, images)
+        cond = self.runtime.stage("condition", stats, self._condition, pixels)
         if structure_coords is None:
-            coords = self._stage("structure", stats, self._structure, cond, generator,
+            coords = self.runtime.stage("structure", stats, self._structure, cond, generator,
                                  per(num_inference_steps, "dense"), per(guidance_scale, "dense"), per(shift, "dense"),
                                  progress, hooks.get("structure"), hooks.get("noise"))
         else:
@@ -868,14 +502,14 @@ class ImageTo3DPipeline:
             fields = self._refined(stage, dec, feats, b, r, progress)
             del dec, feats, out
             if hooks.get("refined") is not None:
-                with self._part("hook"):
+                with self.runtime.part("hook"):
                     fields = hooks["refined"](stage, fields)
             return self._meshes(None, b, r, refined_level(self.settings, stage), fields)
 
         def stage512():
             return run_stage("512", coords, r512, self.settings.mc_level_512)
 
-        meshes = self._stage("sparse_512", stats, stage512)
+        meshes = self.runtime.stage("sparse_512", stats, stage512)
         if resolution == 1024:
             r1024 = self.resolution_1024
 
@@ -883,7 +517,7 @@ class ImageTo3DPipeline:
                 c = self._band_coords(meshes, r1024)
                 return run_stage("1024", c, r1024, self.settings.mc_level_1024)
 
-            meshes = self._stage("sparse_1024", stats, stage1024)
+            meshes = self.runtime.stage("sparse_1024", stats, stage1024)
 
         def cleanup():
             from d3s2.geometry.cleanup import clean_mesh
@@ -893,11 +527,11 @@ class ImageTo3DPipeline:
                 # nothing to remove or decimate: the marching-cubes meshes (welded, vertex normals computed on the
                 # device) are final; clean_mesh would only rebuild them (seconds at 1024)
                 return meshes
-            with self._part("clean_mesh"):
+            with self.runtime.part("clean_mesh"):
                 return [clean_mesh(m, min_area_fraction=st.min_area_fraction, min_volume_fraction=st.min_volume_fraction,
                                    remove_enclosed=st.remove_enclosed, target_faces=faces) for m in meshes]
 
-        meshes = self._stage("cleanup", stats, cleanup)
+        meshes = self.runtime.stage("cleanup", stats, cleanup)
         from d3s2.geometry.report import mesh_report
 
         for m in meshes:  # closed / boundary edges / components / faces / volume of what is returned (issue 24)

@@ -113,7 +113,7 @@ def load_release(path_or_id: str | os.PathLike, *, version: str | None = None, r
     checkpoint tensors are (CPU, in the stored dtype)."""
     from d3s2.models import dense_dit, dense_vae, ss_dit, ss_vae
     from d3s2.models.loading import empty_weights, load_into_empty
-    from d3s2.pipelines.image_to_3d import _model_class
+    from d3s2.config import model_class
     from d3s2.pipelines.release_config import load_release_yaml, read_release_config
 
     if resolution not in (512, 1024):
@@ -142,7 +142,7 @@ def load_release(path_or_id: str | os.PathLike, *, version: str | None = None, r
                 raise D3S2Error(f"{path}: no '{key}' state dict (found keys: {', '.join(map(str, ckpt))})")
             kind, cfg = rel.models[name]
             with empty_weights():
-                model = _model_class(kind)(cfg)
+                model = model_class(kind)(cfg)
             try:
                 load_into_empty(model, ckpt[key], loaders[kind])
             except D3S2Error as exc:
@@ -186,7 +186,8 @@ def load_official_pipeline(path_or_id: str | os.PathLike, device=None, dtype=Non
     DINOv2 ViT-L/14-reg with ``encoder_weights``). ``refiners``: load the release's refiners as the components
     ``refiner_512`` / ``refiner_1024`` (run when ``settings.refine``; :mod:`d3s2.pipelines.refining`)."""
     from d3s2.models.image_encoder import DINOv2Encoder
-    from d3s2.pipelines.image_to_3d import _KIND, ImageTo3DPipeline, _Component
+    from d3s2.pipelines.folder_format import COMPONENT_KINDS, Component
+    from d3s2.pipelines.image_to_3d import ImageTo3DPipeline
 
     rel = load_release(path_or_id, version=version, resolution=resolution or 1024, revision=revision,
                        local_files_only=local_files_only, refiners=refiners)
@@ -194,12 +195,12 @@ def load_official_pipeline(path_or_id: str | os.PathLike, device=None, dtype=Non
     if image_encoder is None:
         image_encoder = DINOv2Encoder(weights=encoder_weights, load_weights=True)
     models["image_encoder"] = image_encoder
-    comps = {n: _Component(kind, cfg, rel.samplers.get(n)) for n, (kind, cfg) in rel.configs.items() if n in models}
+    comps = {n: Component(kind, cfg, rel.samplers.get(n)) for n, (kind, cfg) in rel.configs.items() if n in models}
     for name in ("refiner_512", "refiner_1024"):
         net = getattr(rel, name)
         if net is not None:
             models[name] = net
-            comps[name] = _Component(_KIND[name], net.config)
+            comps[name] = Component(COMPONENT_KINDS[name], net.config)
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dtype is None:  # the release's fp16 on CUDA; CPU kernels are slow (or missing) in fp16
         dtype = torch.float16 if dev.type == "cuda" else torch.float32

@@ -52,8 +52,8 @@ def check_generate_args(args) -> None:
                         ("--steps-1024", args.steps_1024)):
         if value is not None:
             check_steps(value, flag)
-    if args.cfg is not None:
-        check_cfg(args.cfg, "--cfg")
+    if args.guidance_scale is not None:
+        check_cfg(args.guidance_scale, getattr(args, "guidance_flag", None) or "--guidance-scale")
     check_seed(args.seed, "--seed")
     if args.faces is not None and args.faces < 4:
         raise D3S2Error(f"--faces {args.faces} is too small; ask for at least 4 faces")

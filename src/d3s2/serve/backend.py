@@ -222,7 +222,7 @@ class GenerateResult:
     download_path: Path  # the mesh in the requested format
     vertices: int
     faces: int
-    stats: list  # pipeline.last_stats
+    stats: list  # the pipeline output's stats
     warnings: list[str]
     report: dict | None = None  # d3s2.geometry.report.MeshReport.as_dict() of the mesh
 
@@ -301,13 +301,13 @@ class Generator:
 
         self.validate(opts)
         faces = opts.faces if opts.faces else None
-        with self._lock, warnings.catch_warnings(record=True) as caught:
+        with self._lock, warnings.catch_warnings(record=True):  # the notes are shown in the page, not logged
             warnings.simplefilter("always")
-            meshes = self.pipe(image, generator=torch.Generator().manual_seed(int(opts.seed)),
+            out = self.pipe(image, generator=torch.Generator().manual_seed(int(opts.seed)),
                                resolution=opts.resolution, num_inference_steps=dict(opts.steps),
                                guidance_scale=dict(opts.guidance), faces=faces, progress=progress)
-            stats = [dict(s) for s in self.pipe.last_stats]
-        mesh = meshes[0]
+        stats = [dict(s) for s in out.stats]
+        mesh = out.meshes[0]
         if len(mesh.faces) == 0:
             raise D3S2Error("the result has no faces; try another seed")
         out_dir = Path(out_dir)
@@ -315,9 +315,9 @@ class Generator:
         download = viewer if opts.format == "glb" else Path(save_mesh(mesh, out_dir / f"{stem}.{opts.format}",
                                                                       opts.format))
         msgs = []  # only warnings meant for the user (e.g. no alpha channel), once each
-        for w in caught or ():
-            text = public_message(str(w.message))
-            if issubclass(w.category, UserWarning) and text not in msgs:
+        for note in out.notes:
+            text = public_message(note)
+            if text not in msgs:
                 msgs.append(text)
         return GenerateResult(viewer, download, len(mesh.vertices), len(mesh.faces), stats, msgs,
                               mesh.metadata.get("d3s2_report"))

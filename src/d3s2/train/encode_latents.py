@@ -43,7 +43,8 @@ def encode_latents(root: str | Path, vae_spec, checkpoint: str, resolutions: lis
     from d3s2.data.datasets import load_items
     from d3s2.data.sparse_sdf import load_sparse_sdf
     from d3s2.fileio import atomic_open
-    from d3s2.train.tasks_ss_dit import items_tau, load_frozen_ss_vae
+    from d3s2.train.task_common import items_tau
+    from d3s2.train.tasks_ss_dit import load_frozen_ss_vae
 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))

@@ -13,20 +13,15 @@ next batch.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
+from d3s2.data.datasets import keyed_rng
 from d3s2.errors import D3S2Error
 
 __all__ = ["BatchPlan", "BatchKeys"]
-
-
-def _rng(*parts) -> np.random.Generator:
-    h = hashlib.sha1(":".join(map(str, parts)).encode()).digest()
-    return np.random.default_rng(int.from_bytes(h[:8], "little"))
 
 
 @dataclass
@@ -65,7 +60,7 @@ class BatchPlan:
 
     def _rank_order(self) -> np.ndarray:
         if self._order_epoch != self.epoch:
-            order = _rng("order", self.seed, self.epoch).permutation(self.n) if self.shuffle else np.arange(self.n)
+            order = keyed_rng("order", self.seed, self.epoch).permutation(self.n) if self.shuffle else np.arange(self.n)
             total = self.per_rank * self.world
             order = np.resize(order, total)  # wrap-pad like DistributedSampler
             self._order, self._order_epoch = order[self.rank :: self.world], self.epoch
@@ -92,7 +87,7 @@ class BatchPlan:
             return int(fixed)
         if not self.resolutions:
             return None
-        return int(_rng("res", self.seed, self.epoch, self.cursor).choice(self.resolutions, p=self.p))
+        return int(keyed_rng("res", self.seed, self.epoch, self.cursor).choice(self.resolutions, p=self.p))
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "cursor": self.cursor}

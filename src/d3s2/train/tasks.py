@@ -30,10 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from d3s2.config import MODEL_REGISTRY, ModelFileConfig, from_dict, load_model_config
+from d3s2.config import MODEL_REGISTRY, ModelFileConfig, from_dict, load_model_config, model_class
 from d3s2.errors import D3S2Error
 from d3s2.train.config import TrainConfig
 from d3s2.train.image_encoders import ENCODER_TASK_ARGS, encoder_input, setup_image_encoder, trainable_encoder
+from d3s2.train.task_common import data_root, flow_validation, items_tau
 
 __all__ = ["Task", "TASK_REGISTRY", "register_task", "build_task", "model_config_from", "DenseVAETask", "DenseDiTTask",
            "SSVAETask"]
@@ -77,8 +78,7 @@ def model_config_from(spec: Any, where: str = "model") -> ModelFileConfig:
     name = spec["model"]
     if name not in MODEL_REGISTRY:
         raise D3S2Error(f"{where}: unknown model '{name}' (known: {', '.join(sorted(MODEL_REGISTRY))})")
-    module, cls = MODEL_REGISTRY[name].split(":")
-    mcls = getattr(importlib.import_module(module), cls)
+    mcls = model_class(name)
     return ModelFileConfig(
         model=name,
         params=from_dict(mcls.config_class, spec.get("params"), f"{where}.params"),
@@ -203,7 +203,7 @@ class DenseVAETask(Task):
         return DenseVAETrainModule(build_model(self.model_cfg))
 
     def build_dataset(self, split: str = "train"):
-        root = self.cfg.data.val_root if split == "val" and self.cfg.data.val_root else self.cfg.data.root
+        root = data_root(self.cfg, split)
         return _OccupancyDataset(root, self.occ_res, self.cfg.seed)
 
     def collate(self, items):
@@ -376,7 +376,7 @@ class DenseDiTTask(Task):
         return DenseDiTTrainModule(dit, encoder, self.flow_cfg, self.enc_cfg.image_size)
 
     def build_dataset(self, split: str = "train"):
-        root = self.cfg.data.val_root if split == "val" and self.cfg.data.val_root else self.cfg.data.root
+        root = data_root(self.cfg, split)
         return _ImageOccupancyDataset(root, self.occ_res, self.cfg.seed)
 
     def collate(self, items):
@@ -398,25 +398,8 @@ class DenseDiTTask(Task):
         x0 = batch["x0"]
         return {"samples": float(x0.shape[0]), "tokens": float(x0.shape[0] * x0[0, 0].numel())}
 
-    @torch.no_grad()
     def validate(self, module: nn.Module, batch: dict) -> dict[str, float]:
-        """Flow loss at fixed t in {0.25, 0.5, 0.75}, fixed noise, no condition dropout (comparable across steps)."""
-        from dataclasses import replace
-
-        x0 = batch["x0"]
-        g = torch.Generator(device="cpu").manual_seed(1234)
-        eps = torch.randn(x0.shape, generator=g).to(x0.device)
-        saved = module.flow_cfg
-        module.flow_cfg = replace(saved, cond_drop_prob=0.0)
-        try:
-            vals = {}
-            for tv in (0.25, 0.5, 0.75):
-                t = torch.full((x0.shape[0],), tv, device=x0.device)
-                vals[f"val_loss_t{int(tv * 100)}"] = float(module(batch, t=t, eps=eps)["loss"])
-        finally:
-            module.flow_cfg = saved
-        vals["val_loss"] = sum(vals.values()) / 3
-        return vals
+        return flow_validation(module, batch)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -428,12 +411,7 @@ class _SparseSDFKeys(torch.utils.data.Dataset):
         from d3s2.data.datasets import SparseSDFDataset
 
         self.sdf = SparseSDFDataset(root, resolutions=resolutions or (512,), seed=seed, max_voxels=max_voxels)
-        taus = {float(it.get("tau", 0.0)) for it in self.sdf.items}
-        if len(taus) != 1 or 0.0 in taus:
-            raise D3S2Error(
-                f"{root}: items were prepared with different or missing tau {sorted(taus)}; set task_args.tau"
-            )
-        self.tau = taus.pop()
+        self.tau = items_tau(self.sdf.items, root)
 
     def __len__(self) -> int:
         return len(self.sdf)
@@ -476,7 +454,7 @@ class SSVAETask(Task):
         self._tau = self.args["tau"]
 
     def build_dataset(self, split: str = "train"):
-        root = self.cfg.data.val_root if split == "val" and self.cfg.data.val_root else self.cfg.data.root
+        root = data_root(self.cfg, split)
         crop = self.cfg.data.max_voxels if split == "train" else None  # validate whole shapes
         ds = _SparseSDFKeys(root, self.cfg.data.resolutions, self.cfg.seed, crop)
         if self._tau is None:

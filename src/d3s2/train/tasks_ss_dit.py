@@ -17,7 +17,6 @@ models' unconditional input). Gradient checkpointing per DiT block: ``gradient_c
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -26,9 +25,10 @@ from torch import nn
 from d3s2.errors import D3S2Error
 from d3s2.train.config import TrainConfig
 from d3s2.train.image_encoders import ENCODER_TASK_ARGS, encoder_input, setup_image_encoder, trainable_encoder
+from d3s2.train.task_common import data_root, flow_validation, items_tau
 from d3s2.train.tasks import ImageViewDataset, Task, model_config_from, register_task
 
-__all__ = ["SSDiTTask", "SSDiTTrainModule", "load_frozen_ss_vae", "items_tau"]
+__all__ = ["SSDiTTask", "SSDiTTrainModule", "load_frozen_ss_vae"]
 
 
 def load_frozen_ss_vae(vae_spec: Any, checkpoint: str, device: torch.device) -> nn.Module:
@@ -49,29 +49,6 @@ def load_frozen_ss_vae(vae_spec: Any, checkpoint: str, device: torch.device) -> 
     except RuntimeError as exc:
         raise D3S2Error(f"{checkpoint}: weights do not match task_args.vae ({str(exc).splitlines()[0]})") from exc
     return vae.to(device).eval().requires_grad_(False)
-
-
-def items_tau(items: list[dict], where: str) -> float:
-    """The one SDF band ``tau`` all prepared items share (the VAE's input scaling)."""
-    taus = {float(it.get("tau", 0.0)) for it in items}
-    if len(taus) != 1 or 0.0 in taus:
-        raise D3S2Error(f"{where}: items were prepared with different or missing tau {sorted(taus)}; set task_args.tau")
-    return taus.pop()
-
-
-def _collate(items: list[dict], sdf: bool) -> dict:
-    """``sdf``: the features are SDF voxels at the batch resolution (else latents on the R / 8 grid)."""
-    from d3s2.data.datasets import _batch_coords
-    from d3s2.sparse import SparseTensor
-
-    res = {i["resolution"] for i in items}
-    if len(res) != 1:
-        raise D3S2Error(f"a batch mixes resolutions {sorted(res)}")
-    r = res.pop()
-    x = SparseTensor(torch.cat([i["feats"] for i in items]), _batch_coords([i["coords"] for i in items]),
-                     batch_size=len(items), resolution=r if sdf else None)
-    return {"x": x, "image": torch.stack([i["image"] for i in items]), "mask": torch.stack([i["mask"] for i in items]),
-            "resolution": r, "item_ids": [i["item_id"] for i in items]}
 
 
 class SSDiTTrainModule(nn.Module):
@@ -141,8 +118,8 @@ class SSDiTTask(Task):
                 raise D3S2Error("task ss_dit with latents: vae needs task_args.vae (model config) and "
                                 "task_args.vae_checkpoint (trained SS-VAE weights); or use latents: files")
             self.vae = load_frozen_ss_vae(a["vae"], a["vae_checkpoint"], device)
-            if self.vae.cfg.latent_channels != p.in_channels:
-                raise D3S2Error(f"the SS-VAE latent has {self.vae.cfg.latent_channels} channels but the SS-DiT "
+            if self.vae.config.latent_channels != p.in_channels:
+                raise D3S2Error(f"the SS-VAE latent has {self.vae.config.latent_channels} channels but the SS-DiT "
                                 f"expects in_channels {p.in_channels}")
         choice = setup_image_encoder(a, p.cond_channels, device, "ss_dit")
         self.enc_cfg, self.frozen_encoder = choice.config, choice.frozen
@@ -157,14 +134,16 @@ class SSDiTTask(Task):
                                 self.enc_cfg.image_size, 1 + self.enc_cfg.num_registers)
 
     def build_dataset(self, split: str = "train"):
-        root = self.cfg.data.val_root if split == "val" and self.cfg.data.val_root else self.cfg.data.root
+        root = data_root(self.cfg, split)
         ds = ImageViewDataset(root, "sdf" if self.vae is not None else "latent", self.cfg.seed, "ss_dit")
         if self.vae is not None and self._tau is None:
             self._tau = items_tau(ds.items, root)
         return ds
 
     def collate(self, items):
-        return _collate(items, sdf=self.vae is not None)
+        from d3s2.data.datasets import collate_image_latent
+
+        return collate_image_latent(items, sdf=self.vae is not None)
 
     def to_device(self, batch: dict) -> dict:
         out = dict(batch)
@@ -198,20 +177,5 @@ class SSDiTTask(Task):
         x0 = batch["x0"]
         return {"samples": float(x0.batch_size), "tokens": float(x0.feats.shape[0])}
 
-    @torch.no_grad()
     def validate(self, module: nn.Module, batch: dict) -> dict[str, float]:
-        """Flow loss at fixed t in {0.25, 0.5, 0.75}, fixed noise, no condition dropout (comparable across steps)."""
-        f = batch["x0"].feats
-        g = torch.Generator(device="cpu").manual_seed(1234)
-        eps = torch.randn(f.shape, generator=g).to(f.device)
-        saved = module.flow_cfg
-        module.flow_cfg = replace(saved, cond_drop_prob=0.0)
-        try:
-            vals = {}
-            for tv in (0.25, 0.5, 0.75):
-                t = torch.full((int(batch["x0"].batch_size),), tv, device=f.device)
-                vals[f"val_loss_t{int(tv * 100)}"] = float(module(batch, t=t, eps=eps)["loss"])
-        finally:
-            module.flow_cfg = saved
-        vals["val_loss"] = sum(vals.values()) / 3
-        return vals
+        return flow_validation(module, batch)
