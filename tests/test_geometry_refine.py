@@ -243,3 +243,44 @@ def test_sdf_512_half_precision_mesh_matches_skimage_on_the_fp16_grid():
     vl, fl = lewiner_marching_cubes(**f.mc_kwargs())
     assert len(fr) > 0
     assert_same_mesh(vr, fr, vl.numpy(), fl.numpy())
+
+
+class StripedSignNet(nn.Module):
+    """Signs that change in most 512 cells (position-dependent stripes): the worst case of the off-band corners."""
+
+    def __init__(self, patch: int):
+        super().__init__()
+        self.patch_size = patch
+
+    def forward(self, sdf):
+        ax = torch.arange(sdf.shape[-1], dtype=sdf.dtype)
+        x, y, z = torch.meshgrid(ax, ax, ax, indexing="ij")
+        return torch.sigmoid(4 * torch.sin(1.3 * x + 0.7 * y + 2.1 * z) + sdf)
+
+
+@pytest.mark.parametrize("complete", [False, True])
+def test_signs_1024_explicit_voxels_when_signs_change_everywhere(complete):
+    net = StripedSignNet(P1)
+    coords, sdf, _ = batch_of(sphere(0, R1, (24, 22, 25), 11.0))
+    ref = refine_signs_1024_reference(net, coords, sdf, resolution=R1, batch_size=1)[0, 0]
+    (f,) = refine_signs_1024(net, coords, sdf, resolution=R1, batch_size=1, complete=complete)
+    assert torch.equal(f.dense(), ref)
+    # brute force: the band, plus the corners 2m + {0,1,2}^3 of every 512 cell m whose 8 signs differ
+    pos = refined_sign_grid(net, coords, sdf, resolution=R1, batch_size=1)[0] > 0
+    H = R1 // 2
+    cube = torch.stack([pos[a:a + H - 1, b:b + H - 1, c:c + H - 1] for a in (0, 1) for b in (0, 1) for c in (0, 1)])
+    m = torch.nonzero(cube.any(0) & ~cube.all(0))
+    d = torch.tensor([[a, b, c] for a in (0, 1, 2) for b in (0, 1, 2) for c in (0, 1, 2)])
+    want = {tuple(v) for v in (2 * m[:, None] + d[None]).reshape(-1, 3).tolist()}
+    band = coords[:, 1:]
+    want |= {tuple(v) for v in band.tolist()}
+    if complete:
+        nb = (band[:, None] + (d - 1)[None]).reshape(-1, 3)
+        want |= {tuple(v) for v in nb[((nb >= 0) & (nb < R1)).all(1)].tolist()}
+    got = [tuple(v) for v in f.coords.tolist()]
+    assert len(m) > 1000 and len(got) == len(set(got)) and set(got) == want
+    keys = (f.coords[:, 0] * R1 + f.coords[:, 1]) * R1 + f.coords[:, 2]
+    assert bool((keys[1:] > keys[:-1]).all())
+    vr, fr = skimage_mesh(ref.numpy(), 0.2)
+    vl, fl = lewiner_marching_cubes(**f.mc_kwargs())
+    assert_same_mesh(vr, fr, vl.numpy(), fl.numpy())

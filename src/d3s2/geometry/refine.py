@@ -379,6 +379,47 @@ def refined_sign_grid(net, coords: torch.Tensor, sdf: torch.Tensor, *, resolutio
     return signs
 
 
+def _explicit_off_band(mixed: torch.Tensor, band: torch.Tensor, R: int, corner: torch.Tensor | None) -> torch.Tensor:
+    """1024 voxels made explicit besides the band: the corners ``2m + {0,1,2}^3`` of every mixed 512 cell ``m``
+    (``complete``: also the band's 26-neighbours, ``corner`` = {0,1,2}^3), minus the band voxels; int64 ``[E, 3]``
+    sorted per parity class. Built on one 512^3 bool grid per parity class of ``v = 2a + p`` (``p = 1``: only
+    ``m = a``; ``p = 0``: ``m = a`` or ``a - 1`` along that axis), never a ``[cells, 27, 3]`` list: a sign field that
+    changes in many cells (10M) made that 6 GB plus its sort."""
+    H = R // 2
+    M = torch.zeros(H, H, H, dtype=torch.bool, device=mixed.device)
+    M[:H - 1, :H - 1, :H - 1] = mixed
+    par = torch.remainder(band, 2)
+    cls = (par[:, 0] * 4 + par[:, 1] * 2 + par[:, 2]) if len(band) else band.new_zeros(0)
+    half = torch.div(band, 2, rounding_mode="floor")
+    if corner is not None:
+        nb = (band[:, None, :] + (corner - 1)[None]).reshape(-1, 3)
+        nb = nb[((nb >= 0) & (nb < R)).all(1)]
+        npar = torch.remainder(nb, 2)
+        ncls, nhalf = npar[:, 0] * 4 + npar[:, 1] * 2 + npar[:, 2], torch.div(nb, 2, rounding_mode="floor")
+        del nb, npar
+    out = []
+    for p in range(8):
+        px = ((p >> 2) & 1, (p >> 1) & 1, p & 1)
+        g = M
+        for ax in range(3):
+            if px[ax] == 0:  # v = 2a: the cells a and a - 1 along this axis
+                h = g.clone()
+                h.narrow(ax, 1, H - 1).logical_or_(g.narrow(ax, 0, H - 1))
+                g = h
+        if g is M:
+            g = M.clone()
+        if corner is not None:
+            hn = nhalf[ncls == p]
+            g[hn[:, 0], hn[:, 1], hn[:, 2]] = True
+        hb = half[cls == p]
+        g[hb[:, 0], hb[:, 1], hb[:, 2]] = False
+        a = torch.nonzero(g)
+        del g
+        out.append(2 * a + torch.tensor(px, device=a.device))
+    del M
+    return torch.cat(out)
+
+
 def refine_signs_1024(net, coords: torch.Tensor, sdf: torch.Tensor, *, resolution: int = 1024,
                       level: float = LEVEL_1024, batch_size: int | None = None, complete: bool = False,
                       progress: Callable[[int, int], None] | None = None) -> list[RefinedField]:
@@ -409,24 +450,12 @@ def refine_signs_1024(net, coords: torch.Tensor, sdf: torch.Tensor, *, resolutio
                 allp &= v
             mixed = anyp & ~allp
             del anyp, allp
-            m = torch.nonzero(mixed)
-            extra = [(2 * m[:, None, :] + corner[None]).reshape(-1, 3)]
             side = SideBits(pos)
-            del mixed, m, pos
+            del pos
             sel = c[:, 0] == b
             band, bv = c[sel, 1:], vals[sel]
-            if complete:  # every corner of a cell touching the band: the band's 26-neighbourhood
-                for d in (corner - 1).tolist():
-                    n = band + torch.tensor(d, device=band.device)
-                    extra.append(n[((n >= 0) & (n < R)).all(1)])
-            extra = torch.cat(extra)
-            bk = (band[:, 0] * R + band[:, 1]) * R + band[:, 2]
-            if len(extra):
-                ek = torch.unique((extra[:, 0] * R + extra[:, 1]) * R + extra[:, 2])
-                if len(bk):
-                    hit = torch.searchsorted(bk, ek).clamp_max_(len(bk) - 1)
-                    ek = ek[bk[hit] != ek]
-                extra = torch.stack([ek // (R * R), (ek // R) % R, ek % R], 1)
+            extra = _explicit_off_band(mixed, band, R, corner if complete else None)
+            del mixed
             field = RefinedField(band, bv, R, float(level), side, 2, 1.0, -1.0)
             if len(extra):
                 ev = field.fill_fn(extra).to(dtype)
