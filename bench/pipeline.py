@@ -489,7 +489,22 @@ def _main(argv: list[str] | None) -> int:
     kw = dict(num_inference_steps={"dense": steps[0], "512": steps[1], "1024": steps[2]},
               guidance_scale=args.cfg, progress=False, hooks=hooks)
 
+    stage_1024 = [n for n in ("ss_vae_1024", "ss_dit_1024", "refiner_1024") if n in pipe.models]
+
     def one(p, res: int, label: str) -> dict:
+        parked = []
+        if res == 512 and not p.low_vram and device.type == "cuda":
+            # a 512 pipeline holds no 1024-stage weights (--resolution 512 does not even load them)
+            for n in stage_1024:
+                p.models[n].to("cpu")
+                parked.append(n)
+        try:
+            return _one(p, res, label, parked)
+        finally:
+            for n in parked:
+                p.models[n].to(device)
+
+    def _one(p, res: int, label: str, parked: list) -> dict:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -504,7 +519,7 @@ def _main(argv: list[str] | None) -> int:
                "peak_reserved_gb": torch.cuda.max_memory_reserved() / 1e9 if device.type == "cuda" else None,
                "mesh_vertices": len(mesh.vertices), "mesh_faces": len(mesh.faces),
                "mesh_extent": (np.asarray(mesh.vertices).max(0) - np.asarray(mesh.vertices).min(0)).tolist(),
-               "injected_seen": dict(inj.seen)}
+               "injected_seen": dict(inj.seen), "off_gpu_during_run": parked}
         if device.type == "cuda":
             free, total = torch.cuda.mem_get_info()
             run["device_used_gb_after"] = (total - free) / 1e9
