@@ -104,3 +104,45 @@ def test_clean_mesh_pipeline():
     assert face_components(out.faces, len(out.vertices))[1] == 1
     assert abs(len(out.faces) - 2000) <= 42
     assert np.abs(np.linalg.norm(out.vertices, axis=1) - 1.0).max() < 0.05
+
+
+def _pocket_mesh(share: str):
+    """An icosphere plus a small closed pocket inside it, glued at one sphere vertex (``"vertex"``) or along one
+    sphere edge (``"edge"``, a non-manifold edge), plus a two-sided sliver on three sphere vertices: what quadric
+    decimation can leave behind."""
+    import trimesh
+
+    s = trimesh.creation.icosphere(subdivisions=3)
+    v = np.asarray(s.vertices, dtype=np.float64)
+    f = np.asarray(s.faces, dtype=np.int64)
+    a, b = f[0, 0], f[0, 1]
+    inward = -v[a] * 0.2
+    if share == "vertex":
+        extra_v = v[a] + inward + np.array([[0.05, 0, 0], [0, 0.05, 0], [0, 0, 0.05]])
+        n = len(v)
+        pocket = np.array([[a, n, n + 1], [a, n + 1, n + 2], [a, n + 2, n], [n, n + 2, n + 1]])
+    else:
+        extra_v = ((v[a] + v[b]) / 2 + inward)[None]
+        n = len(v)
+        pocket = np.array([[a, b, n], [b, a, n + 0]])  # replaced below by a closed tetra on edge (a, b)
+        extra_v = np.vstack([extra_v, extra_v + np.array([[0.03, 0.02, 0.01]])])
+        pocket = np.array([[a, b, n], [b, a, n + 1], [a, n, n + 1], [b, n + 1, n]])
+    sliver = np.array([f[5], f[5][::-1]])
+    return s, trimesh.Trimesh(np.vstack([v, extra_v]), np.vstack([f, pocket, sliver]), process=False)
+
+
+@pytest.mark.parametrize("share", ["vertex", "edge"])
+def test_decimation_artifacts_pockets_and_slivers_removed(share):
+    from d3s2.geometry.cleanup import drop_duplicate_faces, edge_components, remove_decimation_artifacts
+    from d3s2.geometry.report import mesh_report
+
+    sphere, messy = _pocket_mesh(share)
+    assert len(drop_duplicate_faces(messy).faces) == len(messy.faces) - 2
+    assert edge_components(messy.faces)[1] >= 2  # the pocket is its own piece by edges
+    out = remove_decimation_artifacts(messy)
+    assert len(out.faces) == len(sphere.faces)
+    rep = mesh_report(out)
+    assert rep.closed and rep.boundary_edges == 0 and rep.nonmanifold_edges == 0 and rep.components == 1
+    assert out.is_watertight and abs(out.volume - sphere.volume) < 1e-9
+    # nothing to repair: unchanged
+    assert len(remove_decimation_artifacts(sphere).faces) == len(sphere.faces)

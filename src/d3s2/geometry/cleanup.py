@@ -32,7 +32,7 @@ import torch
 from d3s2.errors import D3S2Error
 
 __all__ = [
-    "face_components",
+    "face_components", "edge_components", "drop_duplicate_faces", "remove_decimation_artifacts",
     "remove_small_components",
     "visible_components",
     "remove_interior_shells",
@@ -80,6 +80,80 @@ def face_components(faces: np.ndarray, n_vertices: int) -> tuple[np.ndarray, int
     return face_label.astype(np.int64), len(labels)
 
 
+def edge_components(faces: np.ndarray) -> tuple[np.ndarray, int]:
+    """Component label per face where faces are connected only through a shared manifold edge (one used by exactly
+    two faces, as trimesh's ``split``): a pocket that touches the surface at one vertex or along a non-manifold edge
+    is its own component here, not in :func:`face_components`."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    f = np.asarray(faces, dtype=np.int64).reshape(-1, 3)
+    if len(f) == 0:
+        return np.zeros(0, dtype=np.int64), 0
+    e = np.sort(np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]]), axis=1)
+    owner = np.tile(np.arange(len(f)), 3)
+    _, inv = np.unique(e[:, 0] * (int(f.max()) + 1) + e[:, 1], return_inverse=True)
+    # faces x edges incidence; faces sharing a manifold edge (used twice) are joined through it, so a pocket
+    # glued to the surface along a non-manifold edge is its own component
+    n_e = int(inv.max()) + 1
+    use = np.bincount(inv, minlength=n_e)
+    m = use[inv] == 2
+    graph = coo_matrix((np.ones(int(m.sum()), dtype=np.int8), (owner[m], len(f) + inv[m])),
+                       shape=(len(f) + n_e,) * 2)
+    _, lab = connected_components(graph, directed=False)
+    labels, face_label = np.unique(lab[: len(f)], return_inverse=True)
+    return face_label.astype(np.int64), len(labels)
+
+
+def drop_duplicate_faces(mesh):
+    """Faces on the same three vertices (decimation leaves two-sided, zero-volume slivers): per vertex set, the two
+    orientations cancel and one face of the orientation in excess stays (none when they balance)."""
+    f = np.asarray(mesh.faces, dtype=np.int64)
+    if len(f) == 0:
+        return mesh
+    key = np.sort(f, axis=1)
+    _, inv, cnt = np.unique(key, axis=0, return_inverse=True, return_counts=True)
+    inv = inv.reshape(-1)
+    if cnt.max() < 2:
+        return mesh
+    # orientation: is the face an even (cyclic) permutation of its sorted vertices?
+    even = ((f[:, 0] == key[:, 0]) & (f[:, 1] == key[:, 1])) | ((f[:, 1] == key[:, 0]) & (f[:, 2] == key[:, 1])) \
+        | ((f[:, 2] == key[:, 0]) & (f[:, 0] == key[:, 1]))
+    net = np.bincount(inv, weights=np.where(even, 1.0, -1.0), minlength=len(cnt))
+    first = np.full((len(cnt), 2), -1, dtype=np.int64)  # first face of each (vertex set, orientation)
+    idx = np.arange(len(f))[::-1]
+    first[inv[idx], even[idx].astype(np.int64)] = idx
+    keep = np.zeros(len(f), dtype=bool)
+    single = cnt[inv] == 1
+    keep[single] = True
+    multi = np.nonzero(cnt > 1)[0]
+    for g in multi[net[multi] != 0]:
+        keep[first[g, int(net[g] > 0)]] = True
+    return _submesh(mesh, keep)
+
+
+def remove_decimation_artifacts(mesh, remove_enclosed: bool = True, samples: int = 5):
+    """After quadric decimation: two-sided slivers (:func:`drop_duplicate_faces`), edge-connected pieces of fewer
+    than 4 faces (no closed surface has fewer), and (``remove_enclosed``) edge-connected pockets inside another
+    component, which decimation can pinch off from the surface at a single vertex."""
+    out = drop_duplicate_faces(mesh)
+    if len(out.faces) == 0:
+        return out
+    label, k = edge_components(out.faces)
+    if k < 2:
+        return out
+    count = np.bincount(label, minlength=k)
+    keep = count >= 4
+    keep[np.argmax(count)] = True
+    if not keep.all():
+        out = _submesh(out, keep[label])
+    if remove_enclosed:
+        label, enclosed = enclosed_components(out, samples, connectivity="edge", centroids=True)
+        if enclosed.any():
+            out = _submesh(out, ~enclosed[label])
+    return out
+
+
 def _component_volumes(mesh, label: np.ndarray, k: int) -> np.ndarray:
     v = np.asarray(mesh.vertices, dtype=np.float64)
     f = np.asarray(mesh.faces, dtype=np.int64)
@@ -105,16 +179,20 @@ def remove_small_components(mesh, min_faces: int = 0, min_area_fraction: float =
     return _submesh(mesh, keep[label])
 
 
-def enclosed_components(mesh, samples: int = 5) -> tuple[np.ndarray, np.ndarray]:
+def enclosed_components(mesh, samples: int = 5, connectivity: str = "vertex",
+                        centroids: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """``(face_label [F], enclosed [K] bool)``: components whose sample vertices (up to ``samples`` each, majority
     vote) have winding number > 0.5 with respect to some larger component. Components are visited by decreasing
     area; an enclosed one is not used as a container. Same result as :func:`enclosed_components_reference`; closed
     containers use signed ray crossings (``d3s2.geometry.crossings``), ambiguous points and open containers the
-    solid-angle sum."""
+    solid-angle sum. ``connectivity``: ``"vertex"`` (:func:`face_components`) or ``"edge"`` (:func:`edge_components`).
+    ``centroids``: sample face centroids instead of vertices (a pocket glued to its container shares vertices with
+    it, which lie on the container, winding number 1/2)."""
     from d3s2.geometry.crossings import crossing_winding_numbers, is_closed
     from d3s2.geometry.winding import winding_numbers
 
-    label, k = face_components(mesh.faces, len(mesh.vertices))
+    label, k = (face_components(mesh.faces, len(mesh.vertices)) if connectivity == "vertex"
+                else edge_components(mesh.faces))
     enclosed = np.zeros(k, dtype=bool)
     if k < 2:
         return label, enclosed
@@ -126,12 +204,17 @@ def enclosed_components(mesh, samples: int = 5) -> tuple[np.ndarray, np.ndarray]
     nv = max(len(v), 1)
     pairs = np.unique(np.repeat(label, 3) * nv + f.reshape(-1))  # sorted by (component, vertex)
     bounds = np.searchsorted(pairs, np.arange(k + 1) * nv)
-    pts = []
-    for c in range(k):
-        fv = pairs[bounds[c]:bounds[c + 1]] - c * nv
-        pts.append(v[fv[np.linspace(0, len(fv) - 1, min(samples, len(fv))).astype(np.int64)]])
     face_order = np.argsort(label, kind="stable")
     face_bounds = np.searchsorted(label[face_order], np.arange(k + 1))
+    pts = []
+    for c in range(k):
+        if centroids:
+            fc = face_order[face_bounds[c]:face_bounds[c + 1]]
+            fc = fc[np.linspace(0, len(fc) - 1, min(samples, len(fc))).astype(np.int64)]
+            pts.append(v[f[fc]].mean(1))
+            continue
+        fv = pairs[bounds[c]:bounds[c + 1]] - c * nv
+        pts.append(v[fv[np.linspace(0, len(fv) - 1, min(samples, len(fv))).astype(np.int64)]])
     for i, big in enumerate(order[:-1]):
         if enclosed[big]:
             continue
@@ -296,8 +379,8 @@ def clean_mesh(
     views: int = 32,
     image_size: int = 256,
 ):
-    """Enclosed components (optional) -> floaters -> interior shells (optional) -> decimation (optional); returns a
-    new trimesh with vertex normals."""
+    """Enclosed components (optional) -> floaters -> interior shells (optional) -> decimation (optional, then its
+    artefacts: :func:`remove_decimation_artifacts`); returns a new trimesh with vertex normals."""
     out = mesh
     if remove_enclosed:
         label, enclosed = enclosed_components(out)
@@ -307,8 +390,8 @@ def clean_mesh(
         out = remove_small_components(out, min_faces, min_area_fraction, min_volume_fraction)
     if remove_interior:
         out = remove_interior_shells(out, views, image_size)
-    if target_faces is not None:
-        out = decimate(out, target_faces)
+    if target_faces is not None and len(out.faces) > int(target_faces):
+        out = remove_decimation_artifacts(decimate(out, target_faces), remove_enclosed)
     if out is mesh:  # nothing removed: a new object all the same (callers may edit it), normals kept
         out = mesh.copy()
     _ = out.vertex_normals  # computed (and cached by trimesh) so exports carry them
