@@ -238,3 +238,32 @@ def test_repair_signs_peels_a_wrong_patch():
     for n in (0, 1):  # empty and one-voxel bands
         out, rs = repair_signs(coords[:n], torch.from_numpy(truth[:n]), torch.zeros(n, dtype=torch.bool), r, q.inside)
         assert len(out) == n and rs["repair_voxels"] == 0
+
+
+class _TorchCpuQueries(CpuQueries):
+    """libigl queries behind the torch interface of the GPU back end (``closest_torch``), to run the device octree
+    of ``d3s2.data.sdf`` on the CPU."""
+
+    torch_device = __import__("torch").device("cpu")
+
+    def closest_torch(self, points, upper_bound=None):
+        import torch
+
+        d, f = self.closest(points.numpy(), upper_bound=upper_bound)
+        return torch.from_numpy(np.asarray(d)), torch.from_numpy(np.asarray(f).astype(np.int64))
+
+
+@pytest.mark.parametrize("device_winding", [False, True])
+def test_device_octree_part_rule_winding_routes_agree(monkeypatch, device_winding):
+    import d3s2.data.sdf as sdf_mod
+
+    if device_winding:  # every part-rule voxel goes to the back end's own winding number
+        monkeypatch.setattr(sdf_mod, "HOST_WINDING_MAX", 0)
+    mesh = _union()
+    q = CpuQueries(mesh.vertices, mesh.faces)
+    want = sdf_mod.narrow_band(q, 32, 0.12, sign_method="parts")
+    got = sdf_mod.narrow_band(_TorchCpuQueries(mesh.vertices, mesh.faces), 32, 0.12, sign_method="parts")
+    assert np.array_equal(want.coords, got.coords) and np.array_equal(want.distance, got.distance)
+    assert got.stats["suspect_voxels"] > 0
+    assert ("winding_backend" in got.stats) == device_winding
+    assert got.stats["winding_voxels"] >= got.stats["suspect_voxels"]
