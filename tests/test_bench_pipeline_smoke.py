@@ -36,6 +36,7 @@ def duck():
     return bench.normalized(v, f), f
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_per_stage_numbers_of_the_injected_mesh(tmp_path, duck):
     bench = _bench_module()
     torch.set_num_threads(2)

@@ -115,6 +115,7 @@ def _reference(name, mesh, r, tau):
     return _REFERENCE_CACHE[(name, r, tau)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("propagate", [True, False])
 @pytest.mark.parametrize("which", ["small_bunny", "holed_sphere"])
 def test_band_against_brute_force_on_holed_meshes(which, propagate, request):

@@ -210,6 +210,7 @@ def test_bundle_loads_checkpoints_and_round_trips(tmp_path):
     assert not (tmp_path / "bundle2").exists()
 
 
+@pytest.mark.slow
 def test_prepare_script_and_eval_on_prepared_heldout_items(tmp_path, split):
     """demo/prepare.sh stages exactly the held-out meshes (a few of them via --shard, no renders, 32^3) and
     bench/eval_quality.py reads the prepared items with a saved random tiny pipeline (scores may be zero)."""

@@ -60,6 +60,7 @@ def test_cookie_is_http_only_same_site_lax_and_binds_files(tmp_path):
     assert other.get(f"/gradio_api/file={result}").status_code == 200
 
 
+@pytest.mark.slow
 def test_a_generated_result_is_served_only_to_its_session(tmp_path):
     import argparse
     import types

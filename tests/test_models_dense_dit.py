@@ -101,6 +101,7 @@ def test_state_dict_roundtrip_and_key_map():
         assert torch.equal(v, b.state_dict()[k])
 
 
+@pytest.mark.slow
 def test_tiny_dit_overfits_one_latent(one_thread):
     torch.manual_seed(0)
     cfg = dataclasses.replace(load_model_config("dense_dit_tiny").params, resolution=4)

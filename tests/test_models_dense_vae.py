@@ -92,6 +92,7 @@ def _shape(r):
     return (torus | box).float()[None, None]
 
 
+@pytest.mark.slow
 def test_tiny_vae_overfits_one_occupancy(one_thread):
     torch.manual_seed(0)
     vae = build_model("dense_vae_tiny")  # 32^3 occupancy -> 4 x 8^3 latent

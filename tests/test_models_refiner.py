@@ -257,6 +257,7 @@ def test_full_size_patch_activation_peak(which, patch, bound_gib):
     assert 0.5 < peak <= bound_gib, peak
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["refiner_512", "refiner_1024"])
 def test_the_authors_patch_when_their_snapshot_is_here(which):
     """The full-size release networks on a 16^3 patch against the authors' classes, through the parity harness's

@@ -248,6 +248,7 @@ def test_errors_and_official_loader():
         load_official_state_dict(m2, sd)
 
 
+@pytest.mark.slow
 def test_tiny_overfits_one_sparse_latent_and_samples_it(one_thread):
     torch.manual_seed(0)
     m = _tiny()

@@ -1,5 +1,6 @@
 """The tiny SS-VAE overfits one prepared mesh's sparse SDF (paper Eq. 2-3 losses fall >= 10x) on the CPU."""
 
+import pytest
 import numpy as np
 import torch
 import trimesh
@@ -23,6 +24,7 @@ def prepared_box(res: int = 32, tau_voxels: float = 2.0):
     return x, torch.from_numpy(sdf.sharp)
 
 
+@pytest.mark.slow
 def test_tiny_vae_overfits_one_shape():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -57,6 +57,7 @@ def _render(mesh, size=64):
     return Renderer(rm, RenderSettings(size=size, supersample=1)).render(cam).rgba_uint8()
 
 
+@pytest.mark.slow
 def test_save_load_round_trip_gives_identical_meshes(tmp_path):
     pipe = _centre_decoder_output(ImageTo3DPipeline.from_config("pipeline_tiny", seed=1))
     img = _square_image()
@@ -86,6 +87,7 @@ def test_save_load_round_trip_gives_identical_meshes(tmp_path):
     assert (out / "pipeline.yaml").is_file()
 
 
+@pytest.mark.slow
 def test_end_to_end_on_rendered_mesh_with_injected_structure(tmp_path, duck):
     import trimesh
 
@@ -239,6 +241,7 @@ def test_sampler_config_defaults_and_overrides():
     assert pipe.sampler_config("ss_dit_1024").steps == 15  # no 1024 stage: the release's default
 
 
+@pytest.mark.slow
 def test_public_api_and_typed_output():
     """``from d3s2 import ImageTo3DPipeline`` (lazy: ``import d3s2`` alone imports no torch); a call returns an
     ImageTo3DOutput that indexes / iterates like the old list, with the stats and the user-facing notes."""

@@ -102,6 +102,7 @@ def test_generate_weights_errors(tmp_path, assets, capsys):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_generate_uses_the_bundled_model_without_weights(tmp_path, weights, assets, capsys):
     import trimesh
 
@@ -147,6 +148,7 @@ def test_generate_examples_flag(tmp_path, weights, assets, capsys):
     assert "no input images" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bundled_demo_model_generates_from_an_example():
     """The package ships the demo model (demo/bundle.py): it loads as the demo pipeline config describes and turns a
     bundled example image (a held-out render) into a non-trivial mesh, also with the few CPU steps of `make demo`."""

@@ -130,6 +130,7 @@ def test_parse_hub_id():
         hubmod.release_files(768)
 
 
+@pytest.mark.slow
 def test_release_downloads_what_the_resolution_needs_then_nothing(online, tiny, release):
     hub, files, cache = online
     src = release[2]
@@ -239,6 +240,7 @@ def _cache_files(cache: Path) -> list[Path]:
     return [p for p in cache.rglob("*") if p.is_file() or p.is_symlink()]
 
 
+@pytest.mark.slow
 def test_interrupted_download_leaves_no_file_and_the_retry_succeeds(online, tiny):
     hub, files, cache = online
     enc = tiny[1].models["image_encoder"]

@@ -89,6 +89,7 @@ def test_the_512_refiner_runs_and_its_field_is_meshed(base, monkeypatch):
     assert len(plain.faces) != len(mesh.faces) or not np.allclose(plain.vertices, mesh.vertices)
 
 
+@pytest.mark.slow
 def test_the_1024_sign_refiner_fills_the_interior(base, monkeypatch):
     sdf_net, sign_net = SDFNet(32, channels=8), SignNet(32)
     pipe = _with(base, {"refiner_512": sdf_net, "refiner_1024": sign_net})

@@ -155,6 +155,7 @@ def _settings(page, server, faces):
         page.press(f"#d3s2-steps-{key} input[type=number]", "Enter")
 
 
+@pytest.mark.slow
 def test_upload_generate_view_and_download(server, browser, tmp_path):
     import trimesh
 
@@ -246,6 +247,7 @@ def test_bad_uploads_show_a_message(server, browser, tmp_path):
     ctx.close()
 
 
+@pytest.mark.slow
 def test_two_sessions_queue_and_keep_their_own_outputs(server, browser, tmp_path):
     external: list[str] = []
     pages = []

@@ -112,6 +112,7 @@ def test_score_topk_picks_the_best_blocks(m_cmp, top_k, block_s, head_dot, monke
 
 @pytest.mark.parametrize("dtype,fwd_tokens", [(torch.float32, 1), (torch.float16, 1), (torch.float32, 8),
                                               (torch.float16, 8), (torch.float32, 3)])
+@pytest.mark.slow
 def test_selection_attention_and_empty_rows(dtype, fwd_tokens, monkeypatch):
     """fwd_tokens > 1: the grouped forward (union of neighbouring tokens' blocks; 3 is rounded up to 4)."""
     from d3s2.ops.ssa.kernels import selection
@@ -192,6 +193,7 @@ def test_gated_combine(nb):
         assert rel(a, b) < 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("branches", [("cmp", "slc", "win"), ("slc", "win"), ("cmp",)])
 def test_whole_op_triton_matches_reference(branches):
     lay = make_layout(m_cmp=2, m_slc=4, m_win=4, seed=4)

@@ -70,6 +70,7 @@ def test_forward_backward_reference(cfg):
     torch.testing.assert_close(m(x.detach()[perm], lay2), y.detach()[perm], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_triton_backend_matches_reference_v1_0():
     torch.manual_seed(1)
     m = SpatialSparseAttention(SSAConfig.v1_0(**SMALL, top_k=3))

@@ -391,6 +391,7 @@ def _env():
     return env
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_finishes(prepared, tmp_path):
     cfg = vae_cfg(prepared, tmp_path, max_steps=25, checkpoint={"every": 1, "keep": 3})
     path = tmp_path / "run.yaml"
@@ -467,6 +468,7 @@ def _rank_logs(out: Path) -> list[list[dict]]:
     return [records(out / f"metrics_rank{r}.jsonl") for r in range(2)]
 
 
+@pytest.mark.slow
 def test_torchrun_ddp_two_ranks_agree(prepared, tmp_path):
     cfg = vae_cfg(prepared, tmp_path, max_steps=2, log={"all_ranks": True})
     _torchrun(cfg, tmp_path)
@@ -487,6 +489,7 @@ def test_torchrun_ddp_two_ranks_agree(prepared, tmp_path):
     assert (ck.latest_checkpoint(tmp_path / "ck") / "rng_rank1.pt").is_file()
 
 
+@pytest.mark.slow
 def test_torchrun_fsdp2_resume_matches(prepared, vae_weights, tmp_path):
     def cfg(out):
         return dit_cfg(prepared, vae_weights, out, distributed={"strategy": "fsdp"},

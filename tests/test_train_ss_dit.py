@@ -270,6 +270,7 @@ def test_shipped_tiny_config_trains_via_cli(prepared, tmp_path):
     assert val and np.isfinite(val[-1]["val_loss"]) and val[-1]["val_loss"] > 0
 
 
+@pytest.mark.slow
 def test_train_step_bench_cpu_smoke(tmp_path):
     """bench/train_step.py --cpu-smoke: the H100 script's code paths (SS-DiT ssa + full, SS-VAE at two resolutions)
     run on tiny configs and write a complete JSON (the numbers themselves are not benchmarks)."""
@@ -291,6 +292,7 @@ def test_train_step_bench_cpu_smoke(tmp_path):
     assert [r["resolution"] for r in doc["vae"]] == [32, 64] and doc["vae"][1]["voxels"] > doc["vae"][0]["voxels"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_torchrun_two_ranks_agree(latents, tmp_path, strategy):
     """`torchrun --nproc_per_node 2` (gloo): DDP / FSDP2 over the DiT + trainable image encoder (sparse conditioning,

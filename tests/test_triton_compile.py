@@ -135,6 +135,7 @@ COMPILE = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_every_launched_kernel_compiles_for_hopper_and_ampere(launches, tmp_path):
     from d3s2.sparse.conv import sparse_conv3d  # noqa: F401  (import check before recording)
 
