@@ -168,7 +168,7 @@ def test_release_downloads_what_the_resolution_needs_then_nothing(online, tiny, 
             assert torch.equal(v, full.models[name].state_dict()[k]), (name, k)
 
     # load_official_pipeline takes the same hub ids and keywords; v1.0 by subfolder (same bytes: blobs shared)
-    from d3s2.pipelines.official import load_official_pipeline
+    from d3s2.pipelines.release_pipeline import load_official_pipeline
 
     hub.reset()
     v10 = load_official_pipeline(f"{RELEASE}/direct3d-s2-v-1-0", device="cpu", resolution=512, image_encoder=enc,

@@ -10,7 +10,8 @@ import torch
 from d3s2.errors import D3S2Error
 from d3s2.models.image_encoder import DINOv2Encoder, ImageEncoderConfig
 from d3s2.pipelines.image_to_3d import ImageTo3DPipeline
-from d3s2.pipelines.official import load_official_pipeline, load_release
+from d3s2.pipelines.official import load_release
+from d3s2.pipelines.release_pipeline import load_official_pipeline
 from d3s2.pipelines.release_config import read_release_config
 from release_fixtures import (KEYS, meta_checkpoints, release_config, release_state_dict, tag, tiny_release,
                               write_release_folder)

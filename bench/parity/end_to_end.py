@@ -85,7 +85,7 @@ def end_to_end(h, image_path: Path, resolution: int = 1024, seed: int = 0) -> di
     from PIL import Image
 
     from d3s2.models.image_encoder import DINOv2Encoder
-    from d3s2.pipelines.official import load_official_pipeline
+    from d3s2.pipelines.release_pipeline import load_official_pipeline
     from direct3d_s2.pipeline import Direct3DS2Pipeline
     from diffusers import FlowMatchEulerDiscreteScheduler
 

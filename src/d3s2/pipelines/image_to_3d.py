@@ -61,6 +61,7 @@ from d3s2.pipelines.folder_format import (
     read_pipeline_folder,
     write_pipeline_folder,
 )
+from d3s2.pipelines.official import release_pipeline_parts
 from d3s2.pipelines.output_types import ImageTo3DOutput
 from d3s2.pipelines.runtime import PipelineRuntime, StepBar, collect_notes
 from d3s2.pipelines.token_band import band_queries as _band_queries
@@ -193,10 +194,10 @@ class ImageTo3DPipeline:
         cfg_path = folder / "pipeline.yaml"
         if not cfg_path.is_file():
             if (folder / "config.yaml").is_file():
-                from d3s2.pipelines.official import load_official_pipeline
-
-                return load_official_pipeline(folder, device=device, dtype=dtype, low_vram=low_vram,
-                                              resolution=resolution, refiners=refiners, **kwargs)
+                parts = release_pipeline_parts(folder, device, dtype, resolution=resolution, refiners=refiners,
+                                               **{k: kwargs.pop(k) for k in ("version", "image_encoder",
+                                                                             "encoder_weights") if k in kwargs})
+                return cls(**parts, low_vram=low_vram, **kwargs)
             raise D3S2Error(f"{folder}: no pipeline.yaml: not a d3s2 pipeline folder (save one with "
                             "ImageTo3DPipeline.save_pretrained)")
         read = read_pipeline_folder(folder, resolution, refiners)

@@ -10,7 +10,9 @@ A release folder (``direct3d-s2-v-1-0/`` or ``direct3d-s2-v-1-1/``, any name) ho
 model is built without initialising its weights (:mod:`d3s2.models.loading`) and loaded strictly through its
 ``load_official_state_dict`` (the release's key layout; a mismatch names the file and the first differing keys), and
 the settings are the release's recipe (diffusers' sampler grid, the renormalised 1024 token band, dense-grid
-marching-cubes semantics, the release's preprocessing, fp16). :func:`load_official_pipeline` builds the pipeline.
+marching-cubes semantics, the release's preprocessing, fp16). :func:`release_pipeline_parts` gives the pipeline's
+keyword arguments; ``d3s2.pipelines.release_pipeline.load_official_pipeline`` builds it (this module never imports
+the pipeline).
 The DINOv2 encoder is not part of the release: its weights come from ``encoder_weights`` or the caches searched by
 :func:`d3s2.models.image_encoder.find_dinov2_weights`.
 
@@ -30,7 +32,7 @@ import torch
 from d3s2.errors import D3S2Error
 
 __all__ = ["OFFICIAL_REPO", "OFFICIAL_FILES", "ReleaseComponents", "resolve_official_folder", "load_release",
-           "load_official_pipeline", "read_checkpoint", "release_settings"]
+           "release_pipeline_parts", "read_checkpoint", "release_settings"]
 
 OFFICIAL_REPO = "wushuang98/Direct3D-S2"
 OFFICIAL_FILES = ("config.yaml", "model_dense.ckpt", "model_sparse_512.ckpt", "model_sparse_1024.ckpt",
@@ -76,7 +78,7 @@ def release_settings(decode_chunk_1024: int | None = None):
     refiners on, marching cubes at 0.2 (1024) / 0.4 (512, on the refiner's output; 0.2 on the SS-VAE's output when
     the 512 refiner is off or absent, as the release's ``decode_mesh``) with the dense-grid semantics, the
     renormalised 1024 token band, the release's image preprocessing."""
-    from d3s2.pipelines.image_to_3d import PipelineSettings
+    from d3s2.pipelines.folder_format import PipelineSettings
 
     return PipelineSettings(occupancy_threshold=0.1, mc_level_512=0.2, mc_level_512_refined=0.4,
                             mc_level_1024=0.2, refine=True, band="release",
@@ -177,17 +179,19 @@ def _load_refiners(folder: Path, configs: dict[str, tuple[str, Any]], files: dic
     return out
 
 
-def load_official_pipeline(path_or_id: str | os.PathLike, device=None, dtype=None, low_vram=None, *,
-                           version: str | None = None, resolution: int | None = None, image_encoder: Any = None,
+def release_pipeline_parts(path_or_id: str | os.PathLike, device=None, dtype=None, *, version: str | None = None,
+                           resolution: int | None = None, image_encoder: Any = None,
                            encoder_weights: str | os.PathLike | None = None, revision: str | None = None,
-                           local_files_only: bool | None = None, refiners: bool = True, **kwargs):
-    """Build an :class:`~d3s2.pipelines.image_to_3d.ImageTo3DPipeline` from the authors' release (fp16 on CUDA as the
-    release, fp32 on the CPU, unless ``dtype`` says otherwise). ``image_encoder``: a ready encoder module (else the
+                           local_files_only: bool | None = None, refiners: bool = True) -> dict[str, Any]:
+    """The keyword arguments of :class:`~d3s2.pipelines.image_to_3d.ImageTo3DPipeline` for the authors' release
+    (``models``, ``samplers``, ``settings``, ``device``, ``dtype``, ``component_configs``): fp16 on CUDA as the
+    release, fp32 on the CPU, unless ``dtype`` says otherwise. ``image_encoder``: a ready encoder module (else the
     DINOv2 ViT-L/14-reg with ``encoder_weights``). ``refiners``: load the release's refiners as the components
-    ``refiner_512`` / ``refiner_1024`` (run when ``settings.refine``; :mod:`d3s2.pipelines.refining`)."""
+    ``refiner_512`` / ``refiner_1024`` (run when ``settings.refine``; :mod:`d3s2.pipelines.refining`). The pipeline
+    class is built by its caller (``ImageTo3DPipeline.from_pretrained``, :mod:`d3s2.pipelines.release_pipeline`), so
+    this loader never imports it."""
     from d3s2.models.image_encoder import DINOv2Encoder
     from d3s2.pipelines.folder_format import COMPONENT_KINDS, Component
-    from d3s2.pipelines.image_to_3d import ImageTo3DPipeline
 
     rel = load_release(path_or_id, version=version, resolution=resolution or 1024, revision=revision,
                        local_files_only=local_files_only, refiners=refiners)
@@ -204,5 +208,5 @@ def load_official_pipeline(path_or_id: str | os.PathLike, device=None, dtype=Non
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dtype is None:  # the release's fp16 on CUDA; CPU kernels are slow (or missing) in fp16
         dtype = torch.float16 if dev.type == "cuda" else torch.float32
-    return ImageTo3DPipeline(models, rel.samplers, rel.settings, device=dev, dtype=dtype, low_vram=low_vram,
-                             component_configs=comps, **kwargs)
+    return dict(models=models, samplers=rel.samplers, settings=rel.settings, device=dev, dtype=dtype,
+                component_configs=comps)
