@@ -28,8 +28,8 @@ import torch
 from d3s2.errors import D3S2Error
 from d3s2.geometry.refine_reference import STEPS, net_dtype, net_patch
 
-__all__ = ["RefinedField", "SideBits", "field_from_grid", "refine_sdf_512", "refine_signs_1024", "refined_sdf_grid", "refined_sign_grid",
-           "LEVEL_512", "LEVEL_1024"]
+__all__ = ["RefinedField", "SideBits", "field_from_grid", "refine_sdf_512", "refine_signs_1024", "refined_sdf_grid",
+           "refined_sign_grid", "LEVEL_512", "LEVEL_1024"]
 
 LEVEL_512 = 0.4  # the release's pipeline: mc_threshold * 2 with its default 0.2
 LEVEL_1024 = 0.2
@@ -389,7 +389,7 @@ def _explicit_off_band(mixed: torch.Tensor, band: torch.Tensor, R: int, corner: 
     M = torch.zeros(H, H, H, dtype=torch.bool, device=mixed.device)
     M[:H - 1, :H - 1, :H - 1] = mixed
     par = torch.remainder(band, 2)
-    cls = (par[:, 0] * 4 + par[:, 1] * 2 + par[:, 2]) if len(band) else band.new_zeros(0)
+    cls = par[:, 0] * 4 + par[:, 1] * 2 + par[:, 2]
     half = torch.div(band, 2, rounding_mode="floor")
     if corner is not None:
         nb = (band[:, None, :] + (corner - 1)[None]).reshape(-1, 3)

@@ -29,19 +29,16 @@ def sparse_group_norm(x: SparseTensor, num_groups: int, weight: torch.Tensor | N
     feats = x.feats.to(acc).reshape(n, g, c // g)
     segments = [slice(0, n)] if x.batch_size == 1 else x.layout
 
-    def per_sample(fn, v: torch.Tensor) -> torch.Tensor:  # [n, g, c/g] -> [B, g]; sum(2).sum(0): a (0, 2) reduction sums sequentially on the CPU
+    # [n, g, c/g] -> [B, g]; sum(2).sum(0) because a (0, 2) reduction sums sequentially on the CPU
+    def per_sample(fn, v: torch.Tensor) -> torch.Tensor:
         return torch.stack([fn(v[s]).sum(2).sum(0) / max(1, (s.stop - s.start) * (c // g)) for s in segments])
 
-    mean = per_sample(lambda v: v, feats)
-    if x.batch_size == 1:
-        centred = feats - mean[0][None, :, None]
-        var = per_sample(torch.square, centred)
-        scale = torch.rsqrt(var + eps)[0][None, :, None]
-    else:
-        bidx = x.batch_idx
-        centred = feats - mean[bidx].unsqueeze(-1)
-        var = per_sample(torch.square, centred)
-        scale = torch.rsqrt(var + eps)[bidx].unsqueeze(-1)
+    # [B, g] -> broadcastable per row (one sample: no [n]-row gather)
+    def per_row(t: torch.Tensor) -> torch.Tensor:
+        return t[0][None, :, None] if x.batch_size == 1 else t[x.batch_idx].unsqueeze(-1)
+
+    centred = feats - per_row(per_sample(lambda v: v, feats))
+    scale = per_row(torch.rsqrt(per_sample(torch.square, centred) + eps))
     y = (centred * scale).reshape(n, c)
     if weight is not None:
         y = y * weight.to(acc)
