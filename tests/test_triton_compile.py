@@ -115,6 +115,16 @@ def _conv_launches(dtype):
     y2.feats.float().sum().backward()
 
 
+def _volume_launches(dtype):
+    from d3s2.ops.volume import adaptive_pass, channel_stats, norm_apply
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 3, 5, 6, 7, generator=g).to(dtype)
+    channel_stats(x, backend="triton")
+    norm_apply(x, torch.ones(1, 3, dtype=torch.float64), torch.zeros(1, 3, dtype=torch.float64), backend="triton")
+    adaptive_pass(x, torch.rand(1, 27, 5, 6, 7, generator=g).to(dtype), backend="triton")
+
+
 COMPILE = textwrap.dedent('''
     import importlib, json, sys
     import triton
@@ -142,12 +152,14 @@ def test_every_launched_kernel_compiles_for_hopper_and_ampere(launches, tmp_path
     for dtype in (torch.bfloat16, torch.float16):
         _ssa_launches(dtype)
         _conv_launches(dtype)
+        _volume_launches(dtype)
     entries = list(launches.values())
     names = {e["name"] for e in entries}
     expected = {"varlen_fwd_kernel", "varlen_bwd_dq_kernel", "varlen_bwd_dkdv_kernel", "varlen_bwd_fused_kernel",
                 "score_topk_kernel", "selection_fwd_kernel", "selection_fwd_grouped_kernel", "selection_bwd_dq_kernel",
                 "selection_bwd_dkdv_kernel", "gate_fwd_kernel", "gate_bwd_kernel", "bwd_delta_kernel",
-                "igemm_fwd_kernel", "igemm_wgrad_kernel"}
+                "igemm_fwd_kernel", "igemm_wgrad_kernel", "_stats_kernel", "_apply_kernel",
+                "_adaptive_pass_kernel"}
     assert expected <= names, f"not launched: {expected - names}"
     path = tmp_path / "launches.json"
     path.write_text(json.dumps(entries, default=str))

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from d3s2.ops.volume import adaptive_pass, resolve_volume_backend
+
 __all__ = ["TAPS", "normalize_taps", "adaptive_filter", "adaptive_filter_reference"]
 
 TAPS = [(i, j, k) for i in range(3) for j in range(3) for k in range(3)]
@@ -41,14 +43,19 @@ def adaptive_filter_reference(x: torch.Tensor, raw_weights: torch.Tensor, passes
     return x
 
 
-def adaptive_filter(x: torch.Tensor, raw_weights: torch.Tensor, passes: int = 3) -> torch.Tensor:
+def adaptive_filter(x: torch.Tensor, raw_weights: torch.Tensor, passes: int = 3, backend: str = "auto") -> torch.Tensor:
     """:func:`adaptive_filter_reference` with in-place accumulation (and in-place normalisation of ``raw_weights``,
-    which the caller must not reuse) when autograd is off."""
+    which the caller must not reuse) when autograd is off; each pass one Triton kernel
+    (:func:`d3s2.ops.volume.adaptive_pass`) where ``backend`` resolves to it."""
     if raw_weights.shape[1] != len(TAPS) or raw_weights.shape[0] != x.shape[0] or raw_weights.shape[2:] != x.shape[2:]:
         raise ValueError(f"adaptive filter weights {tuple(raw_weights.shape)} do not fit the input {tuple(x.shape)}")
     if torch.is_grad_enabled():
         return adaptive_filter_reference(x, raw_weights, passes)
     w = normalize_taps(raw_weights, in_place=True)
+    if x.numel() and w.dtype == x.dtype and resolve_volume_backend(backend, x, w) == "triton":
+        for _ in range(passes):
+            x = adaptive_pass(x, w, backend="triton")
+        return x
     d, h, wd = x.shape[2:]
     for _ in range(passes):
         padded = F.pad(x, (1, 1, 1, 1, 1, 1))

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from d3s2.ops.volume import channel_stats, norm_apply, resolve_volume_backend
+
 __all__ = ["FP32GroupNorm", "group_norm_silu", "group_norm_silu_parts", "group_norm_silu_reference", "ResnetBlock3d", "DownBlock3d",
            "UpBlock3d", "MidBlock3d", "UNet3d"]
 
@@ -61,9 +63,12 @@ def _slab(x: torch.Tensor) -> int:
     return max(1, SLAB_ELEMENTS // per_depth)
 
 
-def _channel_stats(x: torch.Tensor, slab: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Per (sample, channel) mean and sum of squared deviations (fp64) and the voxel count, from fp32 ``var_mean``
+def _channel_stats(x: torch.Tensor, slab: int | None, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per (sample, channel) mean and sum of squared deviations (fp64) and the voxel count: the Triton kernel of
+    :func:`d3s2.ops.volume.channel_stats` where ``backend`` resolves to it (``slab`` unset), else fp32 ``var_mean``
     of depth slabs combined with Chan et al.'s pairwise update (one read of ``x``, no full-size fp32 copy)."""
+    if slab is None and resolve_volume_backend(backend, x) == "triton":
+        return channel_stats(x, backend="triton")
     b, c = x.shape[:2]
     if slab is None and x.dtype in (torch.float32, torch.float64) and x.is_contiguous():
         var, mean = torch.var_mean(x.reshape(b, c, -1), dim=-1, correction=0)
@@ -87,10 +92,11 @@ def _channel_stats(x: torch.Tensor, slab: int | None) -> tuple[torch.Tensor, tor
     return mean, m2, count
 
 
-def _affine(parts: list[torch.Tensor], norm: nn.GroupNorm, slab: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _affine(parts: list[torch.Tensor], norm: nn.GroupNorm, slab: int | None,
+            backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """GroupNorm of ``cat(parts, 1)`` as a per-channel affine map ``y = x * scale + shift`` ([B, C] fp64 each;
     F.group_norm's form), groups spanning the parts' channels as they would in the concatenation."""
-    stats = [_channel_stats(p, slab) for p in parts]
+    stats = [_channel_stats(p, slab, backend) for p in parts]
     n = stats[0][2]
     mean = torch.cat([m for m, _, _ in stats], 1)
     m2 = torch.cat([q for _, q, _ in stats], 1)
@@ -106,7 +112,10 @@ def _affine(parts: list[torch.Tensor], norm: nn.GroupNorm, slab: int | None) -> 
     return scale, shift
 
 
-def _apply(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, act: bool, out: torch.Tensor | None):
+def _apply(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, act: bool, out: torch.Tensor | None,
+           backend: str = "auto"):
+    if resolve_volume_backend(backend, x, *([out] if out is not None else [])) == "triton":
+        return norm_apply(x, scale, shift, act, out, backend="triton")  # one fused pass
     shape = tuple(scale.shape) + (1,) * (x.dim() - 2)
     if out is None:
         out = torch.empty_like(x)
@@ -120,26 +129,27 @@ def _apply(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, act: bool,
 
 @torch.no_grad()
 def group_norm_silu(x: torch.Tensor, norm: nn.GroupNorm, act: bool = True, out: torch.Tensor | None = None,
-                    slab: int | None = None) -> torch.Tensor:
+                    slab: int | None = None, backend: str = "auto") -> torch.Tensor:
     """:func:`group_norm_silu_reference` without full-size fp32 temporaries: statistics from fp32 depth slabs
     (``slab`` depths per slab; default: bounded by :data:`SLAB_ELEMENTS`, one pass without slabs for contiguous
     fp32), then ``x * scale + shift`` per channel computed in fp32 and written in ``x.dtype``. ``out``: where to write
-    (may be ``x``: in place). ``x``: [B, C, D, ...] with C divisible by the groups."""
+    (may be ``x``: in place). ``x``: [B, C, D, ...] with C divisible by the groups. ``backend``: of
+    :mod:`d3s2.ops.volume` (``auto``: its Triton kernels for contiguous CUDA tensors, both passes)."""
     if x.numel() == 0:
         return x.clone() if out is None else out
-    return _apply(x, *_affine([x], norm, slab), act, out)
+    return _apply(x, *_affine([x], norm, slab, backend), act, out, backend)
 
 
 @torch.no_grad()
 def group_norm_silu_parts(parts: list[torch.Tensor], norm: nn.GroupNorm, act: bool = True,
-                          slab: int | None = None) -> list[torch.Tensor]:
+                          slab: int | None = None, backend: str = "auto") -> list[torch.Tensor]:
     """GroupNorm(+SiLU) of ``torch.cat(parts, 1)`` returned as the normalised parts, written IN PLACE into the
     parts (the concatenation is never built)."""
-    scale, shift = _affine(parts, norm, slab)
+    scale, shift = _affine(parts, norm, slab, backend)
     out, c0 = [], 0
     for p in parts:
         c1 = c0 + p.shape[1]
-        out.append(_apply(p, scale[:, c0:c1], shift[:, c0:c1], act, p))
+        out.append(_apply(p, scale[:, c0:c1], shift[:, c0:c1], act, p, backend))
         c0 = c1
     return out
 

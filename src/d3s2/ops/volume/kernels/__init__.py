@@ -1,0 +1,1 @@
+"""Triton kernels of the refiners' dense-volume ops, one file per kernel (references in ``../reference.py``)."""

@@ -1,0 +1,80 @@
+"""GroupNorm of the refiners' UNet in two bandwidth-bound passes over a contiguous ``[B, C, N]`` volume (issue 20).
+
+``channel_stats_triton``: each program reads one block of one (sample, channel) row in its own dtype and writes the
+block's float32 mean and sum of squared deviations (two-pass within the block, in registers); the blocks are then
+combined in float64 with Chan et al.'s pairwise formula (exact for the block means, no cancellation of large sums).
+``norm_apply_triton``: ``y = x * scale + shift`` in float32 per (sample, channel), cast to ``x``'s dtype, then SiLU on
+that value (as the release: ``silu(norm(x.float()).to(dtype))``); may write in place.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["channel_stats_triton", "norm_apply_triton"]
+
+STATS_BLOCK = 4096
+APPLY_BLOCK = 2048
+
+
+@triton.jit
+def _stats_kernel(X, MEAN, M2, N, NBLK, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    x = tl.load(X + row * N + offs, mask=mask, other=0.0).to(tl.float32)
+    n = tl.minimum(N - blk * BLOCK, BLOCK).to(tl.float32)
+    mean = tl.sum(x, axis=0) / n
+    d = tl.where(mask, x - mean, 0.0)
+    tl.store(MEAN + row * NBLK + blk, mean)
+    tl.store(M2 + row * NBLK + blk, tl.sum(d * d, axis=0))
+
+
+@triton.jit
+def _apply_kernel(X, OUT, SCALE, SHIFT, N, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    x = tl.load(X + row * N + offs, mask=mask, other=0.0)
+    s = tl.load(SCALE + row)
+    b = tl.load(SHIFT + row)
+    y = (x.to(tl.float32) * s + b).to(x.dtype)
+    if ACT:
+        yf = y.to(tl.float32)
+        y = (yf / (1.0 + tl.exp(-yf))).to(x.dtype)
+    tl.store(OUT + row * N + offs, y, mask=mask)
+
+
+def channel_stats_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per (sample, channel) mean and sum of squared deviations (float64 ``[B, C]``) and the count of ``x``
+    ``[B, C, ...]`` (contiguous)."""
+    b, c = x.shape[:2]
+    n = x.numel() // max(1, b * c)
+    rows = b * c
+    nblk = triton.cdiv(n, STATS_BLOCK)
+    means = torch.empty(rows, nblk, dtype=torch.float32, device=x.device)
+    m2s = torch.empty_like(means)
+    _stats_kernel[(rows, nblk)](x, means, m2s, n, nblk, BLOCK=STATS_BLOCK)
+    counts = torch.full((nblk,), float(STATS_BLOCK), dtype=torch.float64, device=x.device)
+    counts[-1] = n - (nblk - 1) * STATS_BLOCK
+    bm = means.double()
+    mean = (bm * counts).sum(1) / n
+    m2 = m2s.double().sum(1) + ((bm - mean[:, None]).square() * counts).sum(1)
+    return mean.reshape(b, c), m2.reshape(b, c), n
+
+
+def norm_apply_triton(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, act: bool,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x * scale + shift`` (``[B, C]`` each, float32 arithmetic) in ``x.dtype``, SiLU when ``act``; ``out`` may
+    be ``x``."""
+    b, c = x.shape[:2]
+    n = x.numel() // max(1, b * c)
+    if out is None:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    s = scale.reshape(-1).to(torch.float32).contiguous()
+    t = shift.reshape(-1).to(torch.float32).contiguous()
+    _apply_kernel[(b * c, triton.cdiv(n, APPLY_BLOCK))](x, out, s, t, n, ACT=bool(act), BLOCK=APPLY_BLOCK)
+    return out
