@@ -3,7 +3,8 @@
     PYTHONPATH=src python3 bench/dit_forward.py --out $OUT        # device tool (GPU)
 
 For each stage (512: ~11k tokens per sample, 1024: ~46k; a real latent shell from bench/data/ssa_shells.npz), the
-classifier-free-guidance batch of the pipeline (the sample twice) runs through ``_GuidedSparse`` with and without
+classifier-free-guidance batch of the pipeline (the sample twice) runs through
+:class:`d3s2.flow.guidance.BatchedSparseGuidance` (what ``sample_euler`` uses with ``batch_cfg``) with and without
 CUDA-graph replay: median ms per step (CUDA events), the relative difference of the two outputs, and the top CUDA
 kernels of one eager step (torch.profiler). Writes ``dit_forward-<card>.json``.
 """
@@ -46,8 +47,8 @@ def time_steps(fn, n: int) -> list[float]:
 
 def main() -> None:
     from d3s2.config import load_model_config
+    from d3s2.flow.guidance import BatchedSparseGuidance
     from d3s2.models.ss_dit import SSDiT
-    from d3s2.pipelines.image_to_3d import _GuidedSparse
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", os.path.join(HERE, "results")))
@@ -73,7 +74,7 @@ def main() -> None:
         outs = {}
         with torch.no_grad():
             for graphs in (False, True):
-                g = _GuidedSparse(model, x, cond, torch.zeros_like(cond), 7.0, {}, cuda_graphs=graphs)
+                g = BatchedSparseGuidance(model, x, cond, torch.zeros_like(cond), 7.0, {}, cuda_graphs=graphs)
                 g(x, t, cond)  # eager first call (layout, caches, compilation)
                 g(x, t, cond)  # graphs: capture + replay
                 torch.cuda.synchronize()

@@ -33,6 +33,8 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE / "parity"))
 
+from timing import timed  # noqa: E402
+
 
 def band_inputs(p: int, features: int):
     from refiner_rows import band_patch
@@ -49,21 +51,12 @@ def run_one(which: str, patch: int, dtype: torch.dtype, dev: torch.device, repea
     model.to(dev, dtype)
     sdf, feats, band = band_inputs(patch, 0 if which == "refiner_1024" else model.feature_channels)
     args = [sdf.to(dev, dtype)] + ([feats.to(dev, dtype)] if feats is not None else [])
-    times, peak = [], None
+    times = []
     with torch.no_grad():
         for i in range(repeats + 1):
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-                torch.cuda.empty_cache()
-                base = torch.cuda.memory_allocated(dev)
-                torch.cuda.reset_peak_memory_stats(dev)
-            t0 = time.perf_counter()
-            out = model(*args)
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-                peak = (torch.cuda.max_memory_allocated(dev) - base) / 2 ** 30
+            out, seconds, peak = timed(model, dev, *args)
             if i:
-                times.append(time.perf_counter() - t0)
+                times.append(seconds)
             if i < repeats:
                 del out
     from live_bytes import meta_patch_peak

@@ -28,11 +28,14 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # bench/ (loaded by file path in the tests)
+    sys.path.append(os.path.dirname(os.path.abspath(__file__)))
 
 from d3s2.geometry.lewiner import lewiner_marching_cubes  # noqa: E402
 from d3s2.geometry.refine import (refine_sdf_512, refine_signs_1024, refined_sdf_grid,  # noqa: E402
                                   refined_sign_grid)
 from d3s2.geometry.refine_reference import refine_sdf_512_reference, refine_signs_1024_reference  # noqa: E402
+from timing import timed  # noqa: E402
 
 
 class StandInSDF(nn.Module):
@@ -115,28 +118,13 @@ def sharpen_sign_refiner(net, margin: float = 3.0, patch: int | None = None) -> 
     return k, bias
 
 
-def sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def measure(fn, device, repeats: int):
     """(result, median ms, peak MiB above the baseline) of ``fn()``."""
-    cuda = torch.device(device).type == "cuda"
     times, peak, res = [], None, None
     for _ in range(repeats):
         res = None
-        if cuda:
-            torch.cuda.empty_cache()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-        sync(device)
-        t0 = time.perf_counter()
-        res = fn()
-        sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-        if cuda:
-            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        res, seconds, peak = timed(fn, torch.device(device), unit=2**20)
+        times.append(seconds * 1e3)
     return res, float(np.median(times)), peak
 
 

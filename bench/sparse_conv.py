@@ -44,6 +44,7 @@ from d3s2.sparse import (  # noqa: E402
     kernel_to_dense_weight,
     neighbor_map,
 )
+from timing import timed  # noqa: E402
 
 DATA = ROOT / "bench" / "data"
 DEFAULT_RES = 560
@@ -334,18 +335,9 @@ def decode_rows(xyz560: torch.Tensor, res: int, dev, dt, scale: float = 0.88,
         peak = None
         for rep in range(reps):  # first run compiles / warms the allocator; every run builds its own maps
             z = _tensor(lat, 128, 16, dt, dev).replace(z_feats)
-            if cuda:
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-            sync(dev)
-            t = time.perf_counter()
             with torch.no_grad():
-                y = vae.decode(z)
-            sync(dev)
-            times.append(time.perf_counter() - t)
-            if cuda:
-                peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+                y, seconds, peak = timed(vae.decode, dev, z)
+            times.append(seconds)
             nvox = y.num_voxels
             del y, z
         out[backend] = {"seconds": times, "median_s": float(np.median(times[1:] or times)), "peak_gib": peak,

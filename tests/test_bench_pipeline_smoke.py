@@ -92,9 +92,9 @@ def test_latent_band_coords_match_the_voxel_band(duck):
         key = lambda c: set(map(tuple, c.tolist()))  # noqa: E731
         assert len(got) > 0 and key(got) == key(ref), res
         assert got.dtype == torch.int32 and got.shape[1] == 4
-        from d3s2.pipelines.image_to_3d import _band_queries
+        from d3s2.pipelines.token_band import band_queries
 
-        queries = _band_queries(v * 0.6, np.asarray(f, np.int64), torch.device("cpu"))  # built once by the caller
+        queries = band_queries(v * 0.6, np.asarray(f, np.int64), torch.device("cpu"))  # built once by the caller
         assert torch.equal(latent_band_coords(v * 0.6, f, res, tau, 8, device="cpu", queries=queries), got)
     assert len(latent_band_coords(v, np.zeros((0, 3), np.int64), 64, 0.1)) == 0
 

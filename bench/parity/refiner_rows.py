@@ -19,13 +19,18 @@ output alone (``unet_max_rel``): with random weights the three L1-normalised fil
 from __future__ import annotations
 
 import copy
-import time
+import sys
 import types
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from compare import rel_err, row
+
+if str(Path(__file__).resolve().parents[1]) not in sys.path:
+    sys.path.append(str(Path(__file__).resolve().parents[1]))  # bench/, for timing.py
+from timing import timed  # noqa: E402
 
 NAMES = {"refiner_512_patch": ("refiner", "refiner_512"), "refiner_1024_patch": ("refiner_1024", "refiner_1024")}
 
@@ -65,22 +70,6 @@ def theirs_sdf_patch(m, sdf, feats):
 
 def theirs_sign_patch(m, sdf):
     return torch.sigmoid(m.conv_out(m.unet3d1(m.conv_in(sdf))))
-
-
-def _timed(fn, dev, *args):
-    base = 0
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-    t0 = time.perf_counter()
-    out = fn(*args)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    sec = time.perf_counter() - t0
-    peak = (torch.cuda.max_memory_allocated(dev) - base) / 2 ** 30 if dev.type == "cuda" else None
-    return out, sec, peak
 
 
 def _fp64_truth(theirs, model, args_t, args_o, got, want, sign: bool) -> dict:
@@ -129,8 +118,8 @@ def refiner_patch(h, name: str, patch: int | None = None) -> list[dict]:
         f = feats.to(dev, dt) if feats is not None else None
         args_t = (theirs, x) if sign else (theirs, x, f)
         args_o = (x,) if sign else (x, f)
-        want, t_theirs, m_theirs = _timed(theirs_sign_patch if sign else theirs_sdf_patch, dev, *args_t)
-        got, t_ours, m_ours = _timed(model, dev, *args_o)
+        want, t_theirs, m_theirs = timed(theirs_sign_patch if sign else theirs_sdf_patch, dev, *args_t)
+        got, t_ours, m_ours = timed(model, dev, *args_o)
         extra = {"patch": p, "band_voxels": band, "seconds_theirs": t_theirs, "seconds_ours": t_ours,
                  "peak_gib_theirs": m_theirs, "peak_gib_ours": m_ours}
         if not sign:  # the UNet features alone (the filters shrink random-weight outputs towards conv_out's bias)

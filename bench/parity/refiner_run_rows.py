@@ -40,6 +40,10 @@ sys.path.insert(0, str(HERE.parents[1] / "src"))
 
 from compare import face_set_difference, rel_err, row, vertex_distance  # noqa: E402
 
+if str(HERE.parent) not in sys.path:
+    sys.path.append(str(HERE.parent))  # bench/, for timing.py
+from timing import timed  # noqa: E402
+
 ROWS = {"refiner_512_run": ("refiner", "refiner_512", 0.4), "refiner_1024_run": ("refiner_1024", "refiner_1024", 0.2)}
 
 
@@ -69,21 +73,6 @@ class CaptureMC:
     def marching_cubes(self, volume, *a, **k):
         self.volumes.append(np.asarray(volume))
         return self.measure.marching_cubes(volume, *a, **k)
-
-
-def _timed(fn, dev):
-    base = 0
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-    t0 = time.perf_counter()
-    out = fn()
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    peak = (torch.cuda.max_memory_allocated(dev) - base) / 2 ** 30 if dev.type == "cuda" else None
-    return out, time.perf_counter() - t0, peak
 
 
 def _mesh_stats(field, theirs_mesh) -> dict:
@@ -127,24 +116,24 @@ def run_row(name: str, theirs, ours, coords: torch.Tensor, sdf: torch.Tensor, fe
     try:
         if f is not None:
             with torch.no_grad():  # the release's pipeline calls run() under @torch.no_grad()
-                meshes, t_theirs, m_theirs = _timed(lambda: theirs.run(sp.SparseTensor(s[:, None], c4),
-                                                                       sp.SparseTensor(f, c4), mc_threshold=level),
-                                                    dev)
+                meshes, t_theirs, m_theirs = timed(lambda: theirs.run(sp.SparseTensor(s[:, None], c4),
+                                                                      sp.SparseTensor(f, c4), mc_threshold=level),
+                                                   dev)
         else:
             with torch.no_grad():
-                meshes, t_theirs, m_theirs = _timed(lambda: theirs.run(sp.SparseTensor(s[:, None], c4),
-                                                                       mc_threshold=level), dev)
+                meshes, t_theirs, m_theirs = timed(lambda: theirs.run(sp.SparseTensor(s[:, None], c4),
+                                                                      mc_threshold=level), dev)
     finally:
         mc_module.measure = cap.measure
     vol = cap.volumes[0]
     del cap
     with torch.inference_mode():
         if f is not None:
-            fields, t_ours, m_ours = _timed(lambda: refine_sdf_512(ours, c4, s, f, resolution=vol.shape[0],
-                                                                   level=level), dev)
+            fields, t_ours, m_ours = timed(lambda: refine_sdf_512(ours, c4, s, f, resolution=vol.shape[0],
+                                                                  level=level), dev)
         else:
-            fields, t_ours, m_ours = _timed(lambda: refine_signs_1024(ours, c4, s, resolution=vol.shape[0],
-                                                                      level=level), dev)
+            fields, t_ours, m_ours = timed(lambda: refine_signs_1024(ours, c4, s, resolution=vol.shape[0],
+                                                                     level=level), dev)
     extra = {"resolution": int(vol.shape[0]), "band_voxels": int(len(coords)), "explicit_voxels":
              int(len(fields[0].coords)), "seconds_theirs": t_theirs, "seconds_ours": t_ours,
              "peak_gib_theirs": m_theirs, "peak_gib_ours": m_ours, "level": level, "level_note": level_note}

@@ -33,7 +33,8 @@ model call. Each stage entry of :attr:`last_stats` also holds ``parts``: seconds
 
 Folder format (``save_pretrained`` / ``from_pretrained`` / ``from_config``): :mod:`d3s2.pipelines.folder_format`
 (``pipeline.yaml`` + one ``<component>.safetensors`` per model). Device placement, low-VRAM offload and the timing
-of stages and parts: :mod:`d3s2.pipelines.runtime`.
+of stages and parts: :mod:`d3s2.pipelines.runtime`. The sparse stages (4, 5: sampling, decoding, refiner, marching
+cubes, the 1024 band): :mod:`d3s2.pipelines.sparse_stage`.
 """
 
 from __future__ import annotations
@@ -64,9 +65,10 @@ from d3s2.pipelines.folder_format import (
 from d3s2.pipelines.official import release_pipeline_parts
 from d3s2.pipelines.output_types import ImageTo3DOutput
 from d3s2.pipelines.runtime import PipelineRuntime, StepBar, collect_notes
-from d3s2.pipelines.token_band import band_queries as _band_queries
+from d3s2.pipelines.sparse_stage import SparseStages
 from d3s2.pipelines.token_band import latent_band_coords
 from d3s2.pipelines.validation import require_finite as _require_finite
+from d3s2.pipelines.validation import stage_override
 
 __all__ = ["PipelineSettings", "ImageTo3DPipeline", "ImageTo3DOutput", "latent_shell_coords",
            "latent_band_coords", "COMPONENTS", "OPTIONAL_COMPONENTS", "STAGE_1024_COMPONENTS", "FORMAT_TAG"]
@@ -310,110 +312,6 @@ class ImageTo3DPipeline:
                             "try another seed")
         return coords
 
-    @torch.no_grad()
-    def _sparse(self, stage: str, coords: torch.Tensor, b: int, cond, generator, steps, guidance_scale, shift, progress,
-                chunk: int | None, hook=None, noise_hook=None, features: bool = False):
-        """SS-DiT sampling + SS-VAE decoding of one sparse stage: the decoded SparseTensor, or with ``features``
-        a pair ``(decoded, decoder features)`` (the 512 SDF refiner's input)."""
-        from d3s2.sparse import SparseTensor
-
-        dit_name, vae_name = f"ss_dit_{stage}", f"ss_vae_{stage}"
-        dit_cfg = self.models[dit_name].config
-        coords = coords.to(self.device, torch.int32)
-        noise = (self._randn((coords.shape[0], dit_cfg.in_channels), generator) if noise_hook is None  # fp32 latent
-                 else torch.as_tensor(noise_hook(stage, coords)).to(self.device, torch.float32))
-        x = SparseTensor(noise, coords, batch_size=b)
-        sc = self.sampler_config(dit_name, steps, guidance_scale, shift)
-        if stage in cond:  # sparse conditioning (v1.0)
-            sparse = cond[stage]
-            tokens = sparse.tokens.to(self.dtype)
-            kwargs = {"cond_mask": sparse.mask, "cond_coords": sparse.coords}
-        else:
-            tokens, kwargs = cond["dense"].to(self.dtype), {}
-        with self.runtime.use(dit_name) as (dit,):
-            with self.runtime.part("dit"):
-                latent = self._sample(dit_name, dit, x, tokens, torch.zeros_like(tokens), sc, kwargs, progress,
-                                      f"sparse {stage}")
-        del x, noise
-        with self.runtime.use(vae_name) as (vae,):
-            with self.runtime.part("decode"):
-                vae_dtype = next(vae.parameters()).dtype
-                decoded = vae.decode(latent.replace(latent.feats.to(vae_dtype)), chunk, return_features=features)
-        feats = None
-        if features:
-            decoded, feats = decoded
-        _require_finite(decoded.feats, f"sparse {stage}")
-        if hook is not None:
-            with self.runtime.part("hook"):
-                decoded = hook(stage, decoded)
-                if feats is not None and len(feats) != decoded.num_voxels:
-                    raise D3S2Error(f"the 'decoded' hook changed the {stage} stage's voxels; with the refiner on, "
-                                    "keep the voxels (values only) or set settings.refine = False")
-        return (decoded, feats) if features else decoded
-
-    def _refined(self, stage: str, decoded, features, b: int, resolution: int, progress: bool) -> list:
-        """The stage's refiner run (:mod:`d3s2.pipelines.refining`): one refined field per sample."""
-        from d3s2.pipelines.refining import refine_decoded, refined_level, refiner_name
-
-        name = refiner_name(self.models, self.settings, stage)
-        bar = StepBar(27, f"refiner {stage}", progress)
-        try:
-            with self.runtime.use(name) as (net,):
-                with self.runtime.part("refiner"):
-                    return refine_decoded(net, stage, decoded, features, b, resolution,
-                                          refined_level(self.settings, stage), progress=lambda i, n: bar(i))
-        finally:
-            bar.close()
-
-    def _meshes(self, decoded, b: int, resolution: int, level: float, fields: list | None = None) -> list:
-        """One mesh per sample from the decoded SDF, or from the refined ``fields`` when the stage was refined."""
-        import trimesh
-
-        from d3s2.geometry.cleanup import vertex_normals
-        from d3s2.pipelines.surface import extract_refined_surface, extract_surface
-
-        out = []
-        for i in range(b):
-            with self.runtime.part("marching_cubes"):
-                if fields is not None:
-                    verts, faces = extract_refined_surface(fields[i], self.settings)
-                else:
-                    sel = decoded.coords[:, 0] == i
-                    verts, faces = extract_surface(decoded.coords[sel, 1:], decoded.feats[sel, 0].float(),
-                                                   resolution, level, self.settings)
-            if len(faces) == 0:
-                raise D3S2Error(f"image {i}: the decoded SDF has no surface at level {level} at "
-                                f"{resolution}^3; try another seed")
-            with self.runtime.part("normals"):  # on the compute device: trimesh's take seconds on millions of faces
-                normals = vertex_normals(verts, faces)
-            with self.runtime.part("to_host"):
-                out.append(trimesh.Trimesh(verts.cpu().numpy(), faces.cpu().numpy(),
-                                           vertex_normals=normals.cpu().numpy(), process=False))
-        return out
-
-    def _band_coords(self, meshes: list, resolution: int) -> torch.Tensor:
-        """Latent coordinates of the 1024 stage from each 512 mesh (:mod:`d3s2.pipelines.token_band`: GPU octree on
-        CUDA with warp-lang, libigl on the CPU; ``settings.band`` picks d3s2's or the release's rule)."""
-        from d3s2.pipelines.token_band import RELEASE_BAND_VOXELS, release_band_mesh
-
-        factor = self.models["ss_vae_1024"].config.downsample_factor
-        release = self.settings.band == "release"
-        parts = []
-        for i, mesh in enumerate(meshes):
-            v = release_band_mesh(mesh.vertices) if release else np.asarray(mesh.vertices, dtype=np.float64)
-            f = np.asarray(mesh.faces, dtype=np.int64)
-            tau = RELEASE_BAND_VOXELS / resolution if release else self.settings.band_voxels / resolution
-            with self.runtime.part("band_bvh"):
-                queries = _band_queries(v, f, self.device)
-            with self.runtime.part("band"):
-                lat = latent_band_coords(v, f, resolution, tau, factor, device=self.device, batch=i, queries=queries,
-                                         rule=self.settings.band)
-            del queries
-            if len(lat) == 0:
-                raise D3S2Error(f"image {i}: the 512 mesh has no band voxels at {resolution}^3")
-            parts.append(lat)
-        return torch.cat(parts)
-
     # ------------------------------------------------------------------ call
     def __call__(self, image: Any, generator: torch.Generator | None = None, resolution: int = 512,
                  num_inference_steps: dict[str, int | None] | int | None = None,
@@ -468,9 +366,6 @@ class ImageTo3DPipeline:
         if generator is None:
             generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
 
-        def per(v, key):
-            return v.get(key) if isinstance(v, dict) else v
-
         stats: list[dict] = []
         self.last_stats = stats
         b = len(images)
@@ -479,8 +374,9 @@ class ImageTo3DPipeline:
         cond = self.runtime.stage("condition", stats, self._condition, pixels)
         if structure_coords is None:
             coords = self.runtime.stage("structure", stats, self._structure, cond, generator,
-                                 per(num_inference_steps, "dense"), per(guidance_scale, "dense"), per(shift, "dense"),
-                                 progress, hooks.get("structure"), hooks.get("noise"))
+                                        stage_override(num_inference_steps, "dense"),
+                                        stage_override(guidance_scale, "dense"), stage_override(shift, "dense"),
+                                        progress, hooks.get("structure"), hooks.get("noise"))
         else:
             coords = torch.as_tensor(structure_coords).to(torch.int32)
             if coords.ndim != 2 or coords.shape[1] != 4 or coords.shape[0] == 0:
@@ -488,37 +384,12 @@ class ImageTo3DPipeline:
             r = self.models["dense_vae"].config.resolution
             if int(coords[:, 1:].min()) < 0 or int(coords[:, 1:].max()) >= r or int(coords[:, 0].max()) >= b:
                 raise D3S2Error(f"structure_coords must lie in [0, {r}) with batch index < {b}")
-        r512 = self.resolution_512
-
-        from d3s2.pipelines.refining import refined_level, refiner_name
-
-        def run_stage(stage, c, r, level):
-            refine = refiner_name(self.models, self.settings, stage) is not None
-            out = self._sparse(stage, c, b, cond, generator, per(num_inference_steps, stage),
-                               per(guidance_scale, stage), per(shift, stage), progress, self.settings.decode_chunk,
-                               hooks.get("decoded"), hooks.get("noise"), features=refine and stage == "512")
-            if not refine:
-                return self._meshes(out, b, r, level)
-            dec, feats = out if stage == "512" else (out, None)
-            fields = self._refined(stage, dec, feats, b, r, progress)
-            del dec, feats, out
-            if hooks.get("refined") is not None:
-                with self.runtime.part("hook"):
-                    fields = hooks["refined"](stage, fields)
-            return self._meshes(None, b, r, refined_level(self.settings, stage), fields)
-
-        def stage512():
-            return run_stage("512", coords, r512, self.settings.mc_level_512)
-
-        meshes = self.runtime.stage("sparse_512", stats, stage512)
+        sparse = SparseStages(self, b, cond, generator, num_inference_steps, guidance_scale, shift, progress, hooks)
+        meshes = self.runtime.stage("sparse_512", stats, sparse.run, "512", coords, self.resolution_512,
+                                    self.settings.mc_level_512)
         if resolution == 1024:
-            r1024 = self.resolution_1024
-
-            def stage1024():
-                c = self._band_coords(meshes, r1024)
-                return run_stage("1024", c, r1024, self.settings.mc_level_1024)
-
-            meshes = self.runtime.stage("sparse_1024", stats, stage1024)
+            meshes = self.runtime.stage("sparse_1024", stats, sparse.run_1024, meshes, self.resolution_1024,
+                                        self.settings.mc_level_1024)
 
         def cleanup():
             from d3s2.geometry.cleanup import clean_mesh

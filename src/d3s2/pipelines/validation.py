@@ -4,7 +4,8 @@
 :meth:`ImageTo3DPipeline.__call__ <d3s2.pipelines.image_to_3d.ImageTo3DPipeline.__call__>` (one value, or a dict with
 keys ``dense``, ``512``, ``1024``) with the bounds of :mod:`d3s2.flow.checks`, so that a bad 512-stage value is not
 found only after the structure stage ran. :func:`check_generate_args` does the same for ``d3s2 generate``'s flags,
-naming the flag in the message. :func:`require_finite` stops a run whose stage output is NaN / inf with that cause
+naming the flag in the message. :func:`stage_override` reads one stage's value of such an argument.
+:func:`require_finite` stops a run whose stage output is NaN / inf with that cause
 instead of an empty shape.
 """
 
@@ -15,7 +16,7 @@ from typing import Any
 from d3s2.errors import D3S2Error
 from d3s2.flow.checks import check_cfg, check_shift, check_steps
 
-__all__ = ["STAGE_KEYS", "check_overrides", "check_seed", "check_generate_args", "require_finite"]
+__all__ = ["STAGE_KEYS", "check_overrides", "stage_override", "check_seed", "check_generate_args", "require_finite"]
 
 STAGE_KEYS = ("dense", "512", "1024")
 _CHECKS = {"num_inference_steps": check_steps, "guidance_scale": check_cfg, "shift": check_shift}
@@ -37,6 +38,12 @@ def check_overrides(num_inference_steps: Any = None, guidance_scale: Any = None,
                     check(v, f"{arg}[{key!r}]")
         else:
             check(value, arg)
+
+
+def stage_override(value: Any, key: str) -> Any:
+    """Stage ``key``'s value of a per-stage override: the ``key`` entry of a dict (None when absent), else ``value``
+    itself (one value for every stage)."""
+    return value.get(key) if isinstance(value, dict) else value
 
 
 def check_seed(seed: Any, name: str = "seed") -> int:
