@@ -25,8 +25,8 @@ from torch import nn
 from d3s2.errors import D3S2Error
 from d3s2.train.config import TrainConfig
 from d3s2.train.image_encoders import ENCODER_TASK_ARGS, encoder_input, setup_image_encoder, trainable_encoder
-from d3s2.train.task_common import data_root, flow_validation, items_tau
-from d3s2.train.tasks import ImageViewDataset, Task, model_config_from, register_task
+from d3s2.train.task_base import Task, model_config_from, register_task
+from d3s2.train.task_common import ImageViewDataset, data_root, flow_validation, items_tau
 
 __all__ = ["SSDiTTask", "SSDiTTrainModule", "load_frozen_ss_vae"]
 
