@@ -98,8 +98,6 @@ def run_prepare(
     check_prepare_config(cfg)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise D3S2Error(f"--workers must be an integer >= 1, got {workers!r}")
-    if any(r < 2 or r > 32767 for r in cfg.resolutions):
-        raise D3S2Error(f"--resolutions must be in [2, 32767], got {list(cfg.resolutions)}")
     files = discover_meshes(mesh_dir, pattern, exclude=out_dir)
     if not files:
         what = f"matching {pattern!r}" if pattern else f"with extension {', '.join(MESH_EXTENSIONS)}"

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from d3s2.data.cameras import CameraSampling
+
 __all__ = ["PrepareConfig"]
 
 
 @dataclass
 class PrepareConfig:
     resolutions: tuple[int, ...] = (512, 1024)
-    views: int = 45
+    views: int = CameraSampling.num_views
     image_size: int = 518
     supersample: int = 2
     tau: float = 1.0 / 128.0
@@ -24,10 +26,11 @@ class PrepareConfig:
     device: str | None = None  # None: SDF and renders on CUDA when present, else CPU
     sharp_angle: float = 30.0
     seed: int = 0
-    up: str = "y"
-    elevation_deg: tuple[float, float] = (10.0, 40.0)
-    azimuth_deg: tuple[float, float] = (0.0, 180.0)
-    focal_mm: tuple[float, float] = (30.0, 100.0)
+    # the cameras default to the paper's (Sec. 5.1), as d3s2.data.cameras has them
+    up: str = CameraSampling.up
+    elevation_deg: tuple[float, float] = CameraSampling.elevation_deg
+    azimuth_deg: tuple[float, float] = CameraSampling.azimuth_deg
+    focal_mm: tuple[float, float] = CameraSampling.focal_mm
 
     def render_key(self) -> dict:
         """What determines the renders: a finished item with other settings is redone."""

@@ -28,7 +28,7 @@ from d3s2.errors import D3S2Error
 from d3s2.train.config import TrainConfig
 
 __all__ = ["Task", "TASK_REGISTRY", "register_task", "check_task_name", "task_class", "build_task",
-           "model_config_from"]
+           "model_config_from", "model_config_of"]
 
 TASK_REGISTRY: dict[str, Any] = {
     "dense_vae": "d3s2.train.tasks_dense:DenseVAETask",
@@ -91,6 +91,15 @@ def model_config_from(spec: Any, where: str = "model") -> ModelFileConfig:
         flow=from_dict(FlowConfig, spec["flow"], f"{where}.flow") if "flow" in spec else None,
         sampler=from_dict(SamplerConfig, spec["sampler"], f"{where}.sampler") if "sampler" in spec else None,
     )
+
+
+def model_config_of(spec: Any, kind: str, task: str) -> ModelFileConfig:
+    """:func:`model_config_from`, refused unless it configures a ``kind`` model (the one task ``task`` trains)."""
+    cfg = model_config_from(spec)
+    if cfg.model != kind:
+        article = "an" if kind.startswith("ss_") else "a"  # "an ss_vae": read "ess"
+        raise D3S2Error(f"task {task} needs {article} {kind} model config, got '{cfg.model}'")
+    return cfg
 
 
 def _check_args(args: dict, allowed: dict[str, Any], task: str) -> dict:

@@ -7,7 +7,8 @@
   noise and no condition dropout (comparable across steps), for dense and sparse latents alike;
 * :func:`surface_scores`: the VAE tasks' validation, mean Chamfer distance and F-score of decoded against input
   surfaces (:mod:`d3s2.geometry.metrics`);
-* :class:`ImageViewDataset`: the image-conditioned tasks' data, one item's sparse geometry and one rendered view.
+* :class:`ImageViewDataset`: the image-conditioned tasks' data, one item's sparse geometry and one rendered view;
+* :class:`ImageDiTTask`: the base of the image-conditioned DiT tasks (flow settings, image encoder, validation).
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ from torch import nn
 
 from d3s2.errors import D3S2Error
 from d3s2.train.config import TrainConfig
+from d3s2.train.image_encoders import setup_image_encoder, trainable_encoder
+from d3s2.train.task_base import Task
 
-__all__ = ["data_root", "items_tau", "flow_validation", "surface_scores", "ImageViewDataset"]
+__all__ = ["data_root", "items_tau", "flow_validation", "surface_scores", "ImageViewDataset",
+           "ImageDiTTask"]
 
 
 def data_root(cfg: TrainConfig, split: str) -> str:
@@ -124,3 +128,29 @@ class ImageViewDataset(torch.utils.data.Dataset):
         it = ds[j]
         return {"coords": it["coords"], "feats": it["feats"], "image": it["image"], "mask": it["mask"],
                 "resolution": int(resolution), "item_id": item_id}
+
+
+class ImageDiTTask(Task):
+    """What the image-conditioned DiT tasks (``dense_dit``, ``ss_dit``) share: the flow settings of the model file, the
+    one image encoder choice of :mod:`d3s2.train.image_encoders`, the DiT built with its trainable encoder, and the
+    flow validation. A subclass sets ``model_cfg`` and then calls :meth:`setup_flow_and_encoder`."""
+
+    validate_under_fsdp = True
+
+    def setup_flow_and_encoder(self, device: torch.device) -> None:
+        from d3s2.flow.rectified import FlowConfig
+
+        self.flow_cfg = self.model_cfg.flow or FlowConfig()
+        choice = setup_image_encoder(self.args, self.model_cfg.params.cond_channels, device, self.name)
+        self.enc_cfg, self.frozen_encoder = choice.config, choice.frozen
+
+    def build_dit(self) -> tuple[nn.Module, nn.Module | None]:
+        """The DiT and the image encoder trained with it (None when the encoder is frozen), built in that order."""
+        from d3s2.config import build_model
+
+        dit = build_model(self.model_cfg)
+        encoder = trainable_encoder(self.enc_cfg) if self.frozen_encoder is None else None
+        return dit, encoder
+
+    def validate(self, module: nn.Module, batch: dict) -> dict[str, float]:
+        return flow_validation(module, batch)

@@ -13,9 +13,9 @@ from torch import nn
 
 from d3s2.errors import D3S2Error
 from d3s2.train.config import TrainConfig
-from d3s2.train.image_encoders import ENCODER_TASK_ARGS, encoder_input, setup_image_encoder, trainable_encoder
-from d3s2.train.task_base import Task, model_config_from, register_task
-from d3s2.train.task_common import ImageViewDataset, data_root, flow_validation, surface_scores
+from d3s2.train.image_encoders import ENCODER_TASK_ARGS, encoder_input
+from d3s2.train.task_base import Task, model_config_from, model_config_of, register_task
+from d3s2.train.task_common import ImageDiTTask, ImageViewDataset, data_root, surface_scores
 
 __all__ = ["occupancy_from_coords", "DenseVAETrainModule", "DenseVAETask", "DenseDiTTrainModule", "DenseDiTTask"]
 
@@ -88,9 +88,7 @@ class DenseVAETask(Task):
 
     def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
         super().__init__(cfg, device)
-        self.model_cfg = model_config_from(cfg.model)
-        if self.model_cfg.model != "dense_vae":
-            raise D3S2Error(f"task dense_vae needs a dense_vae model config, got '{self.model_cfg.model}'")
+        self.model_cfg = model_config_of(cfg.model, "dense_vae", self.name)
         self.occ_res = self.model_cfg.params.resolution
 
     def build_module(self) -> nn.Module:
@@ -168,7 +166,7 @@ class _ImageOccupancyDataset(ImageViewDataset):
 
 
 @register_task("dense_dit")
-class DenseDiTTask(Task):
+class DenseDiTTask(ImageDiTTask):
     """Rectified-flow DiT (Eq. 10-11) on the posterior means of a frozen dense VAE, conditioned on one rendered view.
 
     ``task_args``: ``vae`` (its model config), ``vae_checkpoint`` (a ``.safetensors`` file, a ``step_*`` folder or a
@@ -179,18 +177,13 @@ class DenseDiTTask(Task):
     """
 
     task_args = {"vae": None, "vae_checkpoint": None, "latent_scale": 1.0, **ENCODER_TASK_ARGS}
-    validate_under_fsdp = True
 
     def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
         super().__init__(cfg, device)
         from d3s2.config import build_model
-        from d3s2.flow.rectified import FlowConfig
         from d3s2.train.checkpoint import load_weights
 
-        self.model_cfg = model_config_from(cfg.model)
-        if self.model_cfg.model != "dense_dit":
-            raise D3S2Error(f"task dense_dit needs a dense_dit model config, got '{self.model_cfg.model}'")
-        self.flow_cfg = self.model_cfg.flow or FlowConfig()
+        self.model_cfg = model_config_of(cfg.model, "dense_dit", self.name)
         if not self.args["vae"] or not self.args["vae_checkpoint"]:
             raise D3S2Error(
                 "task dense_dit needs task_args.vae (model config) and task_args.vae_checkpoint (trained weights)"
@@ -209,14 +202,10 @@ class DenseDiTTask(Task):
                 f"the VAE latent ({vae_cfg.params.latent_channels} x {vae_cfg.params.latent_resolution}^3) does not "
                 f"match the DiT input ({p.in_channels} x {p.resolution}^3)"
             )
-        choice = setup_image_encoder(self.args, p.cond_channels, device, "dense_dit")
-        self.enc_cfg, self.frozen_encoder = choice.config, choice.frozen
+        self.setup_flow_and_encoder(device)
 
     def build_module(self) -> nn.Module:
-        from d3s2.config import build_model
-
-        dit = build_model(self.model_cfg)
-        encoder = trainable_encoder(self.enc_cfg) if self.frozen_encoder is None else None
+        dit, encoder = self.build_dit()
         return DenseDiTTrainModule(dit, encoder, self.flow_cfg, self.enc_cfg.image_size)
 
     def build_dataset(self, split: str = "train"):
@@ -241,6 +230,3 @@ class DenseDiTTask(Task):
     def batch_stats(self, batch):
         x0 = batch["x0"]
         return {"samples": float(x0.shape[0]), "tokens": float(x0.shape[0] * x0[0, 0].numel())}
-
-    def validate(self, module: nn.Module, batch: dict) -> dict[str, float]:
-        return flow_validation(module, batch)

@@ -6,9 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from d3s2.errors import D3S2Error
 from d3s2.train.config import TrainConfig
-from d3s2.train.task_base import Task, model_config_from, register_task
+from d3s2.train.task_base import Task, model_config_of, register_task
 from d3s2.train.task_common import data_root, items_tau, surface_scores
 
 __all__ = ["SSVAETrainModule", "SSVAETask", "surface_samples"]
@@ -56,9 +55,7 @@ class SSVAETask(Task):
 
     def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
         super().__init__(cfg, device)
-        self.model_cfg = model_config_from(cfg.model)
-        if self.model_cfg.model != "ss_vae":
-            raise D3S2Error(f"task ss_vae needs an ss_vae model config, got '{self.model_cfg.model}'")
+        self.model_cfg = model_config_of(cfg.model, "ss_vae", self.name)
         self._tau = self.args["tau"]
 
     def build_dataset(self, split: str = "train"):
