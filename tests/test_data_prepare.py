@@ -15,14 +15,8 @@ from PIL import Image  # noqa: E402
 
 from d3s2.cli import main  # noqa: E402
 from d3s2.data import manifest as mf  # noqa: E402
-from d3s2.data.prepare import (  # noqa: E402
-    PrepareConfig,
-    discover_meshes,
-    item_id_for,
-    parse_shard,
-    run_prepare,
-    shard_of,
-)
+from d3s2.data.prepare import PrepareConfig, run_prepare  # noqa: E402
+from d3s2.data.prepare_discovery import discover_meshes, item_id_for, parse_shard, shard_of  # noqa: E402
 from d3s2.data.sparse_sdf import load_sparse_sdf  # noqa: E402
 from d3s2.errors import D3S2Error  # noqa: E402
 

@@ -79,9 +79,7 @@ def test_demo_pipeline_fits_the_bundle_budget():
 def test_demo_model_and_training_configs_load():
     from d3s2.config import build_model, load_model_config
     from d3s2.train.command import load_train_config
-    from d3s2.train.tasks import TASK_REGISTRY
-
-    import d3s2.train.tasks_ss_dit  # noqa: F401 - registers ss_dit
+    from d3s2.train.task_base import task_class
 
     for name in DEMO_MODELS:
         with torch.device("meta"):
@@ -99,10 +97,7 @@ def test_demo_model_and_training_configs_load():
     for name in DEMO_TRAIN:
         cfg, _ = load_train_config(name)
         assert cfg.total_steps > 0 and cfg.resume == "auto"
-        entry = TASK_REGISTRY[cfg.task]
-        if isinstance(entry, str):
-            mod, cls = entry.split(":")
-            entry = getattr(importlib.import_module(mod), cls)
+        entry = task_class(cfg.task)
         assert set(cfg.task_args) <= set(entry.task_args), (name, set(cfg.task_args) - set(entry.task_args))
     assert load_train_config("demo_train_ss_vae")[0].data.resolutions == [128, 256]
     # one image encoder for both DiT stages: the structure DiT run trains it with the pipeline's architecture, the

@@ -9,7 +9,8 @@ pytest.importorskip("trimesh")
 pytest.importorskip("igl")
 
 from d3s2.cli import main  # noqa: E402
-from d3s2.data.prepare import PrepareConfig, item_id_for, run_prepare  # noqa: E402
+from d3s2.data.prepare import PrepareConfig, run_prepare  # noqa: E402
+from d3s2.data.prepare_discovery import item_id_for  # noqa: E402
 
 CFG = PrepareConfig(resolutions=(16,), views=1, image_size=16, supersample=1, tau=1 / 16)
 
@@ -69,12 +70,12 @@ def test_failed_items_leave_no_empty_folder(corpus, tmp_path, monkeypatch):
 
 
 def test_a_failed_render_keeps_the_reusable_sdf(corpus, tmp_path, monkeypatch):
-    from d3s2.data import prepare
+    from d3s2.data import prepare_item
 
     def broken(*a, **k):
         raise RuntimeError("simulated render failure")
 
-    monkeypatch.setattr(prepare, "_render_item", broken)
+    monkeypatch.setattr(prepare_item, "_render_item", broken)
     out = tmp_path / "out"
     assert run_prepare(corpus, out, CFG, progress=False).failed == 1
     item = out / item_id_for("ball.obj")

@@ -290,7 +290,7 @@ def test_ss_vae_task_logs_terms_and_validates(prepared, tmp_path):
 
 def test_ss_vae_max_voxels_crops_training_items_only(prepared, tmp_path):
     """data.max_voxels: training items are spatial crops of at most that many voxels; validation sees whole shapes."""
-    from d3s2.train.tasks import SSVAETask
+    from d3s2.train.tasks_ss_vae import SSVAETask
 
     whole = SSVAETask(parse_train_config(ss_vae_cfg(prepared, tmp_path)), torch.device("cpu")).build_dataset("train")
     n = len(whole[(0, 32, 0)]["coords"])
@@ -308,7 +308,7 @@ def test_ss_vae_max_voxels_crops_training_items_only(prepared, tmp_path):
 
 @pytest.mark.parametrize("task", ["dense_vae", "dense_dit"])
 def test_gradient_checkpointing_same_losses(prepared, vae_weights, tmp_path, task):
-    from d3s2.train.tasks import build_task
+    from d3s2.train.task_base import build_task
     from d3s2.train.trainer import set_gradient_checkpointing
 
     def make(out, gc):
@@ -360,7 +360,7 @@ def test_dense_dit_frozen_encoder_from_another_run(prepared, vae_weights, tmp_pa
     """``image_encoder: checkpoint``: the encoder trained by one run is reused, frozen, by the next (one encoder for
     both DiT stages of a pipeline): not a parameter of the train module, its weights unchanged by training."""
     from d3s2.train.checkpoint import load_weights
-    from d3s2.train.tasks import build_task
+    from d3s2.train.task_base import build_task
 
     Trainer(parse_train_config(dit_cfg(prepared, vae_weights, tmp_path / "a",
                                        phases=[{"steps": 2, "resolution": 32}]))).run()

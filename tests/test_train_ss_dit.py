@@ -16,7 +16,7 @@ pytest.importorskip("igl")
 from d3s2.cli import main as cli_main  # noqa: E402
 from d3s2.errors import D3S2Error  # noqa: E402
 from d3s2.train.config import parse_train_config  # noqa: E402
-from d3s2.train.tasks import build_task  # noqa: E402
+from d3s2.train.task_base import build_task  # noqa: E402
 from d3s2.train.trainer import Trainer  # noqa: E402
 
 SS_VAE = {

@@ -1,6 +1,6 @@
 import torch
 
-from d3s2.train.tasks import surface_samples
+from d3s2.train.tasks_ss_vae import surface_samples
 
 
 def sphere_band(r: int, radius: float, band_voxels: float = 2.0):

@@ -17,8 +17,8 @@ from d3s2.errors import D3S2Error
 
 COMMANDS: list[tuple[str, str]] = [
     ("selfcheck", "d3s2.selfcheck:add_parser"),
-    ("prepare", "d3s2.data.prepare:add_parser"),
-    ("prepare-merge", "d3s2.data.prepare:add_merge_parser"),
+    ("prepare", "d3s2.data.prepare_command:add_parser"),
+    ("prepare-merge", "d3s2.data.prepare_command:add_merge_parser"),
     ("train", "d3s2.train.command:add_parser"),
     ("generate", "d3s2.pipelines.cli:add_parser"),
     ("encode-latents", "d3s2.train.encode_latents:add_parser"),

@@ -39,7 +39,7 @@ def _range(value: Any, flag: str) -> tuple[float, float]:
 
 
 def check_prepare_config(cfg) -> None:
-    """Raise :class:`D3S2Error` for a :class:`~d3s2.data.prepare.PrepareConfig` setting no item could be prepared
+    """Raise :class:`D3S2Error` for a :class:`~d3s2.data.prepare_config.PrepareConfig` setting no item could be prepared
     with."""
     if not all(isinstance(r, int) and not isinstance(r, bool) and 2 <= r <= 32767 for r in cfg.resolutions):
         _fail("--resolutions", "integers in [2, 32767]", list(cfg.resolutions))

@@ -23,12 +23,10 @@ def _cmd_train(args) -> int:
 
     cfg, data = load_train_config(args.config, args.set)
     if args.check:
-        from d3s2.errors import D3S2Error
-        from d3s2.train.tasks import TASK_REGISTRY, model_config_from
+        from d3s2.train.task_base import check_task_name, model_config_from
 
         # what the trainer would only find after building the process group: the task and the model config
-        if cfg.task not in TASK_REGISTRY:
-            raise D3S2Error(f"unknown task '{cfg.task}' (known: {', '.join(sorted(TASK_REGISTRY))})")
+        check_task_name(cfg.task)
         model_config_from(cfg.model)
         from d3s2.fileio import check_writable_dir
 

@@ -24,9 +24,9 @@ from torch import nn
 
 from d3s2.errors import D3S2Error
 from d3s2.train.config import TrainConfig
-from d3s2.train.image_encoders import ENCODER_TASK_ARGS, encoder_input, setup_image_encoder, trainable_encoder
-from d3s2.train.task_common import data_root, flow_validation, items_tau
-from d3s2.train.tasks import ImageViewDataset, Task, model_config_from, register_task
+from d3s2.train.image_encoders import ENCODER_TASK_ARGS, encoder_input
+from d3s2.train.task_base import model_config_from, model_config_of, register_task
+from d3s2.train.task_common import ImageDiTTask, ImageViewDataset, data_root, items_tau
 
 __all__ = ["SSDiTTask", "SSDiTTrainModule", "load_frozen_ss_vae"]
 
@@ -86,7 +86,7 @@ class SSDiTTrainModule(nn.Module):
 
 
 @register_task("ss_dit")
-class SSDiTTask(Task):
+class SSDiTTask(ImageDiTTask):
     """SS-DiT on sparse latents (see the module docstring for ``task_args``)."""
 
     task_args = {
@@ -97,17 +97,11 @@ class SSDiTTask(Task):
         "latent_scale": 1.0,
         **ENCODER_TASK_ARGS,
     }
-    validate_under_fsdp = True
 
     def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
         super().__init__(cfg, device)
-        from d3s2.flow.rectified import FlowConfig
-
         a = self.args
-        self.model_cfg = model_config_from(cfg.model)
-        if self.model_cfg.model != "ss_dit":
-            raise D3S2Error(f"task ss_dit needs an ss_dit model config, got '{self.model_cfg.model}'")
-        self.flow_cfg = self.model_cfg.flow or FlowConfig()
+        self.model_cfg = model_config_of(cfg.model, "ss_dit", self.name)
         p = self.model_cfg.params
         if a["latents"] not in ("vae", "files"):
             raise D3S2Error(f"task_args.latents must be 'vae' or 'files', got {a['latents']!r}")
@@ -121,15 +115,11 @@ class SSDiTTask(Task):
             if self.vae.config.latent_channels != p.in_channels:
                 raise D3S2Error(f"the SS-VAE latent has {self.vae.config.latent_channels} channels but the SS-DiT "
                                 f"expects in_channels {p.in_channels}")
-        choice = setup_image_encoder(a, p.cond_channels, device, "ss_dit")
-        self.enc_cfg, self.frozen_encoder = choice.config, choice.frozen
+        self.setup_flow_and_encoder(device)
 
     # ------------------------------------------------------------------------------------------------------------
     def build_module(self) -> nn.Module:
-        from d3s2.config import build_model
-
-        dit = build_model(self.model_cfg)
-        encoder = trainable_encoder(self.enc_cfg) if self.frozen_encoder is None else None
+        dit, encoder = self.build_dit()
         return SSDiTTrainModule(dit, encoder, self.flow_cfg, bool(self.model_cfg.params.sparse_conditioning),
                                 self.enc_cfg.image_size, 1 + self.enc_cfg.num_registers)
 
@@ -176,6 +166,3 @@ class SSDiTTask(Task):
     def batch_stats(self, batch):
         x0 = batch["x0"]
         return {"samples": float(x0.batch_size), "tokens": float(x0.feats.shape[0])}
-
-    def validate(self, module: nn.Module, batch: dict) -> dict[str, float]:
-        return flow_validation(module, batch)

@@ -30,7 +30,7 @@ from d3s2.train.ema import EMA
 from d3s2.train.metrics_log import MetricsLogger
 from d3s2.train.sampling import BatchPlan
 from d3s2.train.schedule import lr_at
-from d3s2.train.tasks import Task, build_task
+from d3s2.train.task_base import Task, build_task
 
 __all__ = ["Trainer", "set_gradient_checkpointing", "state_digest"]
 
