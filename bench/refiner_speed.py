@@ -67,6 +67,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--out", default=os.environ.get("OUT", str(HERE / "results")))
     a = ap.parse_args(argv)
     from refiner_rows import band_patch
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
         sdf, feats, _ = band_patch(p, 0 if which == "refiner_1024" else model.feature_channels)
         base_args = [sdf.to(dev, dtype)] + ([feats.to(dev, dtype)] if feats is not None else [])
         ref, best = None, None
-        for name, (cl, bench) in VARIANTS.items():
+        for name, (cl, bench) in ((n, VARIANTS[n]) for n in a.variants):
             torch.backends.cudnn.benchmark = bench
             fmt = torch.channels_last_3d if cl else torch.contiguous_format
             model.to(memory_format=fmt)

@@ -64,15 +64,23 @@ def stub_trimesh() -> None:
 class CaptureMC:
     """Stands in for skimage.measure in their module: records each volume given to marching_cubes, then runs it."""
 
-    def __init__(self, measure):
-        self.measure, self.volumes = measure, []
+    def __init__(self, measure, skip: bool = False):
+        self.measure, self.volumes, self.skip = measure, [], skip
 
     def __getattr__(self, name):
         return getattr(self.measure, name)
 
     def marching_cubes(self, volume, *a, **k):
         self.volumes.append(np.asarray(volume))
+        if self.skip:  # skimage on a 1024^3 grid takes minutes: the caller meshes the captured grid itself
+            return np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int64), np.zeros((0, 3), np.float32), \
+                np.zeros(0, np.float32)
         return self.measure.marching_cubes(volume, *a, **k)
+
+
+class _Mesh:
+    def __init__(self, vertices, faces):
+        self.vertices, self.faces = vertices, faces
 
 
 def _mesh_stats(field, theirs_mesh) -> dict:
@@ -91,7 +99,7 @@ def _mesh_stats(field, theirs_mesh) -> dict:
 
 
 def run_row(name: str, theirs, ours, coords: torch.Tensor, sdf: torch.Tensor, feats: torch.Tensor | None,
-            dtype: torch.dtype, dev: torch.device, mc_module, sp) -> dict:
+            dtype: torch.dtype, dev: torch.device, mc_module, sp, skip_their_mc: bool = False) -> dict:
     """One row: ``theirs`` an authors' refiner (its ``run``), ``ours`` d3s2's network of the same weights, both in
     ``dtype`` on ``dev``; ``coords`` [N, 3] of one sample; ``mc_module``: their unet_refiner module (its ``measure``
     is wrapped); ``sp``: their ``direct3d_s2.modules.sparse``."""
@@ -111,7 +119,7 @@ def run_row(name: str, theirs, ours, coords: torch.Tensor, sdf: torch.Tensor, fe
                                                     torch.tensor([0.1, 0.9])))
         if not lo <= level <= hi:
             level, level_note = round(float(vals.median()), 4), "median of the refined band (0.4 not crossed)"
-    cap = CaptureMC(mc_module.measure)
+    cap = CaptureMC(mc_module.measure, skip=skip_their_mc)
     mc_module.measure = cap
     try:
         if f is not None:
@@ -158,14 +166,25 @@ def run_row(name: str, theirs, ours, coords: torch.Tensor, sdf: torch.Tensor, fe
                 flips += int(((t != signs) & off).sum())
             extra["sign_flips_off_band"] = flips
             del signs
-    extra.update(_mesh_stats(field, meshes[0]))
-    # marching-cubes semantics alone: d3s2's lean form of THEIR dense grid through d3s2's sparse Lewiner gives their
-    # mesh (no network rounding involved; the network's own mesh above can differ where a voxel sits within fp32
-    # rounding of the level)
+    from d3s2.geometry.lewiner import lewiner_marching_cubes
     from d3s2.geometry.refine import field_from_grid
 
-    own = _mesh_stats(field_from_grid(torch.from_numpy(vol), level), meshes[0])
-    extra.update({f"their_grid_{k}": v for k, v in own.items()})
+    if skip_their_mc:
+        # their grid meshed by d3s2's sparse Lewiner stands in for skimage's mesh of it (that the two agree on the
+        # same grid is what the 512 row's their_grid_* columns and the marching-cubes row measure)
+        with torch.inference_mode():
+            grid_field = field_from_grid(torch.from_numpy(vol).to(dev), level).to("cpu")
+        v, f_ = lewiner_marching_cubes(**grid_field.mc_kwargs(), world=True)
+        del grid_field
+        meshes = [_Mesh(v.double().numpy(), f_.numpy())]
+        extra["their_mc"] = "skipped: their grid meshed by d3s2's Lewiner"
+    extra.update(_mesh_stats(field, meshes[0]))
+    if not skip_their_mc:
+        # marching-cubes semantics alone: d3s2's lean form of THEIR dense grid through d3s2's sparse Lewiner gives
+        # their mesh (no network rounding involved; the network's own mesh above can differ where a voxel sits
+        # within fp32 rounding of the level)
+        own = _mesh_stats(field_from_grid(torch.from_numpy(vol), level), meshes[0])
+        extra.update({f"their_grid_{k}": v for k, v in own.items()})
     vt = torch.from_numpy(vol)
     extra["voxels_near_level"] = int(((vt - level).abs() < 1e-5 * max(1.0, float(vt.abs().max()))).sum())
     del vt
@@ -173,7 +192,8 @@ def run_row(name: str, theirs, ours, coords: torch.Tensor, sdf: torch.Tensor, fe
             dtype, dev, **extra)
     r["row_id"] = name
     if dtype == torch.float32:
-        r["ok"] = bool(r["ok"] and extra["their_grid_mesh_ok"] and extra.get("sign_flips_off_band", 0) == 0)
+        r["ok"] = bool(r["ok"] and extra.get("their_grid_mesh_ok", extra["mesh_ok"])
+                       and extra.get("sign_flips_off_band", 0) == 0)
     return r
 
 
@@ -260,6 +280,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", nargs="+", default=None, choices=["fp32", "fp16"],
                     help="default: fp32, and fp16 on CUDA")
     ap.add_argument("--radius", type=float, default=0.6, help="sphere radius of the band (world units)")
+    ap.add_argument("--skip-their-mc", nargs="*", default=[], choices=list(ROWS),
+                    help="rows whose authors' skimage marching cubes is replaced by d3s2's Lewiner of their grid "
+                         "(minutes at 1024^3)")
     ap.add_argument("--smoke", action="store_true", help="tiny stand-ins instead of their code (CPU wiring check)")
     ap.add_argument("--out", default=os.environ.get("OUT", str(HERE.parents[1] / "bench" / "results")))
     args = ap.parse_args(argv)
@@ -315,7 +338,8 @@ def main(argv=None) -> int:
                     theirs = _SmokeRun(ours, res, mc_module)
                 else:
                     theirs, ours, note = build_pair(key, which, 11, dt, dev)
-                r = run_row(name, theirs, ours, coords, sdf, feats, dt, dev, mc_module, sp)
+                r = run_row(name, theirs, ours, coords, sdf, feats, dt, dev, mc_module, sp,
+                            skip_their_mc=name in args.skip_their_mc)
                 if not args.smoke and note:
                     r["weights_note"] = note
                 del theirs, ours
