@@ -9,9 +9,9 @@
 Both answer the same questions so that the sparse-SDF code above them is written once:
 ``unsigned_distance(points, upper_bound)``, ``closest(points, upper_bound)`` (distance and closest face, for the
 pseudo-normal sign of ``d3s2.geometry.pseudo_normal``) and ``inside(points)`` (generalised winding number > 1/2).
-``WarpQueries`` also answers ``closest_torch`` on device tensors (the GPU narrow band of ``d3s2.data.sdf`` stays on the
-GPU). warp works in float32: its distances are recomputed in float64 from the closest face it found, so both back ends
-decide band membership (``d < tau``) on float64 distances.
+``WarpQueries`` also answers ``closest_torch`` on device tensors (the GPU narrow band of ``d3s2.data.sdf_band`` stays
+on the GPU). warp works in float32: its distances are recomputed in float64 from the closest face it found, so both
+back ends decide band membership (``d < tau``) on float64 distances.
 Distances at or beyond ``upper_bound`` are returned as ``inf``: the band code only needs to know they are too far, and a
 bounded search is several times faster.
 """
