@@ -12,16 +12,16 @@ pytest.importorskip("igl")
 from test_data_sdf_reference import box_sdf, dense_centres, reference_band  # noqa: E402
 
 from d3s2.data.mesh_io import NormalizeTransform, normalize_mesh  # noqa: E402
-from d3s2.geometry.queries import CpuQueries, resolve_backend  # noqa: E402
 from d3s2.data.sdf import (  # noqa: E402
     DEFAULT_SIGN,
     mesh_to_sparse_sdf,
-    narrow_band,
     signed_distance,
     unsigned_band,
     unsigned_distance,
 )
+from d3s2.data.sdf_band import narrow_band  # noqa: E402
 from d3s2.errors import D3S2Error  # noqa: E402
+from d3s2.geometry.queries import CpuQueries, resolve_backend  # noqa: E402
 
 IDENTITY = NormalizeTransform(1.0)
 

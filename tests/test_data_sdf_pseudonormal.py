@@ -11,7 +11,8 @@ torch = pytest.importorskip("torch")
 from test_data_sdf_reference import brute_force_sdf, point_triangle_distance  # noqa: E402
 
 from d3s2.data.mesh_io import NormalizeTransform  # noqa: E402
-from d3s2.data.sdf import DEFAULT_SIGN, mesh_to_sparse_sdf, narrow_band, signed_distance  # noqa: E402
+from d3s2.data.sdf import DEFAULT_SIGN, mesh_to_sparse_sdf, signed_distance  # noqa: E402
+from d3s2.data.sdf_band import narrow_band  # noqa: E402
 from d3s2.data.sharp import sharp_edges, sharp_voxel_mask  # noqa: E402
 from d3s2.errors import D3S2Error  # noqa: E402
 from d3s2.geometry.pseudo_normal import build_tables, closest_point_on_triangles, pseudo_normal_sign  # noqa: E402

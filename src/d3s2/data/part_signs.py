@@ -1,9 +1,9 @@
 """Where the pseudo-normal sign can be wrong on meshes made of several closed parts that interpenetrate (issue 25;
 the ``"parts"`` sign rule of ``d3s2.data.sdf``, which ``sign="auto"`` uses; paper Sec. 5.1, sign of the SDF of Eq. 1).
 
-The pseudo-normal sign of ``d3s2.geometry.pseudo_normal`` says "outside" whenever the point lies on the outer side of the
-surface at its closest point ``c``. That is the truth only where the surface at ``c`` is *exposed*: the winding number
-just outside it is 0 and just inside it is 1. Figures and CAD models are often unions of closed parts concatenated
+The pseudo-normal sign of ``d3s2.geometry.pseudo_normal`` says "outside" whenever the point lies on the outer side of
+the surface at its closest point ``c``. That is the truth only where the surface at ``c`` is *exposed*: the winding
+number just outside it is 0 and just inside it is 1. Figures and CAD models are often unions of closed parts concatenated
 without a boolean union; a point inside part A whose closest point lies on part B (B pokes into A) is then inside the
 object although B's normal points away from it. Such voxels are few (under 1% of the band) but sit right where the VAE
 learns the surface, and they punch holes and inner walls into the training targets.

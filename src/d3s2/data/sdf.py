@@ -54,7 +54,7 @@ import torch
 
 from d3s2.data.mesh_io import DEFAULT_MARGIN, NormalizeTransform, load_mesh, normalize_mesh, validate_mesh
 from d3s2.data.part_signs import part_tables, suspect_points
-from d3s2.data.sdf_band import BandResult, narrow_band
+from d3s2.data.sdf_band import narrow_band
 from d3s2.data.sharp import sharp_voxel_mask
 from d3s2.data.shell import offset_shell
 from d3s2.data.sparse_sdf import DEFAULT_TAU, SparseSDF, voxel_centers
@@ -70,8 +70,6 @@ AUTO_RULES = ("parts", "pseudonormal")
 
 __all__ = [
     "DEFAULT_SIGN",
-    "BandResult",
-    "narrow_band",
     "unsigned_band",
     "unsigned_distance",
     "signed_distance",

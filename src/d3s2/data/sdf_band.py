@@ -49,7 +49,6 @@ class BandResult:
     stats: dict
 
 
-
 def _sort_coords(coords: np.ndarray, resolution: int, *values):
     """Lexicographic (x, y, z) order through one packed int64 key (several times faster than np.lexsort); the octree
     already emits nearly sorted runs, which the stable (radix/timsort) argsort exploits."""
