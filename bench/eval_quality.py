@@ -63,8 +63,8 @@ def load_gt(rel: str):
 
 def render_view(mesh, size: int = 128) -> np.ndarray:
     """One RGBA uint8 render from a fixed camera (elevation 20, azimuth 30, 50 mm)."""
-    from d3s2.data.cameras import Camera, fit_distance
     from d3s2.data.render import RenderSettings, Renderer, render_mesh_from_trimesh
+    from d3s2.geometry.cameras import Camera, fit_distance
 
     rm = render_mesh_from_trimesh(mesh)
     cam = Camera(elevation_deg=20.0, azimuth_deg=30.0, focal_mm=50.0,

@@ -158,7 +158,7 @@ class TrueSDF:
         self.queries = None
         if device.type == "cuda":
             try:
-                from d3s2.data.backends import WarpQueries
+                from d3s2.geometry.queries import WarpQueries
 
                 self.queries = WarpQueries(v, f, device=str(device))
                 self(torch.zeros(1, 3, dtype=torch.float64, device=device))  # probe
@@ -177,7 +177,7 @@ class TrueSDF:
 
             d = signed_distance(points.cpu().numpy(), self.mesh, sign="pseudonormal", backend="cpu")
             return torch.from_numpy(d).clamp(-far, far)
-        from d3s2.data.pseudo_normal import pseudo_normal_sign
+        from d3s2.geometry.pseudo_normal import pseudo_normal_sign
 
         q, out = self.queries, []
         tables = q.pseudo_normal_tables()

@@ -32,8 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from d3s2.data.cameras import CameraSampling, sample_cameras  # noqa: E402
 from d3s2.data.render import Renderer, RenderMesh, RenderSettings, render_views, write_views  # noqa: E402
+from d3s2.geometry.cameras import CameraSampling, sample_cameras  # noqa: E402
 
 
 def export(out: Path) -> None:

@@ -44,10 +44,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
-from d3s2.data.backends import make_queries, resolve_backend  # noqa: E402
 from d3s2.data.mesh_io import normalize_mesh, validate_mesh  # noqa: E402
 from d3s2.data.sdf import mesh_to_sparse_sdf, signed_distance  # noqa: E402
 from d3s2.data.sparse_sdf import DEFAULT_TAU, save_sparse_sdf  # noqa: E402
+from d3s2.geometry.queries import make_queries, resolve_backend  # noqa: E402
 
 PYBULLET_MESHES = ["duck.obj", "teddy2_VHACD_CHs.obj", "soccerball.obj"]
 
@@ -250,8 +250,8 @@ def time_dense(meshes, name, resolutions, backend, device, tau=1 / 128, sign="wi
         if sign == "pseudonormal" and hasattr(q, "closest_torch"):
             import torch
 
-            from d3s2.data.backends import winding_fallback
-            from d3s2.data.pseudo_normal import pseudo_normal_sign
+            from d3s2.geometry.pseudo_normal import pseudo_normal_sign
+            from d3s2.geometry.queries import winding_fallback
 
             dev = q.torch_device
             gt = torch.from_numpy(g.astype(np.float64)).to(dev)
@@ -349,7 +349,7 @@ def sign_errors(
 
 def diagnose(meshes, device, n=500_000, tau=1 / 128):
     """Where warp time goes: upload+kernel+download of n near-surface points, per transfer path and query."""
-    from d3s2.data.backends import WarpQueries
+    from d3s2.geometry.queries import WarpQueries
 
     mesh, _ = normalize_mesh(to_trimesh(meshes["bunny"]))
     rng = np.random.default_rng(0)

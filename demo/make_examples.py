@@ -41,10 +41,10 @@ def heldout_paths(split_path: Path = SPLIT_PATH) -> set[str]:
 
 
 def render_example(rel: str, size: int, mesh_root: Path | None = None, device: str = "cpu"):
-    """RGBA uint8 ``[size, size, 4]`` of ``pybullet_data/<rel>`` and its :class:`~d3s2.data.cameras.Camera`."""
-    from d3s2.data.cameras import Camera, fit_distance
+    """RGBA uint8 ``[size, size, 4]`` of ``pybullet_data/<rel>`` and its :class:`~d3s2.geometry.cameras.Camera`."""
     from d3s2.data.mesh_io import load_mesh, normalize_mesh
     from d3s2.data.render import Renderer, RenderSettings, load_render_mesh
+    from d3s2.geometry.cameras import Camera, fit_distance
 
     if mesh_root is None:
         import pybullet_data

@@ -10,18 +10,18 @@ trimesh = pytest.importorskip("trimesh")
 from PIL import Image  # noqa: E402
 from scipy.spatial import ConvexHull  # noqa: E402
 
-from d3s2.data.cameras import Camera, CameraSampling, fit_distance, sample_cameras  # noqa: E402
 from d3s2.data.render import (  # noqa: E402
     Renderer,
     RenderMesh,
     RenderPart,
     RenderSettings,
     load_render_mesh,
-    rasterize,
     render_mesh_from_trimesh,
     render_views,
 )
 from d3s2.errors import D3S2Error  # noqa: E402
+from d3s2.geometry.cameras import Camera, CameraSampling, fit_distance, sample_cameras  # noqa: E402
+from d3s2.geometry.raster import rasterize  # noqa: E402
 
 
 def _front_camera(distance=4.0, focal_mm=36.0, resolution=32):

@@ -11,17 +11,17 @@ pytest.importorskip("igl")
 
 from test_data_sdf_reference import box_sdf, dense_centres, reference_band  # noqa: E402
 
-from d3s2.data.backends import CpuQueries, resolve_backend  # noqa: E402
 from d3s2.data.mesh_io import NormalizeTransform, normalize_mesh  # noqa: E402
 from d3s2.data.sdf import (  # noqa: E402
     DEFAULT_SIGN,
     mesh_to_sparse_sdf,
-    narrow_band,
     signed_distance,
     unsigned_band,
     unsigned_distance,
 )
+from d3s2.data.sdf_band import narrow_band  # noqa: E402
 from d3s2.errors import D3S2Error  # noqa: E402
+from d3s2.geometry.queries import CpuQueries, resolve_backend  # noqa: E402
 
 IDENTITY = NormalizeTransform(1.0)
 
@@ -303,7 +303,7 @@ def test_warp_closest_torch_needs_no_pseudo_normal_tables():
 
     import torch
 
-    from d3s2.data.backends import CpuQueries, WarpQueries
+    from d3s2.geometry.queries import CpuQueries, WarpQueries
 
     m = trimesh.creation.icosphere(subdivisions=2, radius=0.5)
     p = np.random.default_rng(0).uniform(-0.8, 0.8, (500, 3))

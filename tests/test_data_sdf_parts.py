@@ -11,12 +11,12 @@ pytest.importorskip("igl")
 pytest.importorskip("scipy")
 torch = pytest.importorskip("torch")
 
-from d3s2.data.backends import CpuQueries, winding_factory  # noqa: E402
 from d3s2.data.mesh_io import NormalizeTransform, load_mesh, normalize_mesh  # noqa: E402
-from d3s2.data.part_signs import build_part_tables, buried_faces, face_parts, suspect_points  # noqa: E402
+from d3s2.data.part_signs import build_part_tables, buried_faces, face_parts, part_tables, suspect_points  # noqa: E402
 from d3s2.data.sdf import mesh_to_sparse_sdf, signed_distance  # noqa: E402
 from d3s2.errors import D3S2Error  # noqa: E402
 from d3s2.geometry.marching_cubes import sparse_marching_cubes  # noqa: E402
+from d3s2.geometry.queries import CpuQueries, winding_factory  # noqa: E402
 
 IDENTITY = NormalizeTransform(1.0)
 
@@ -109,7 +109,7 @@ def test_self_intersecting_single_part():
 def test_suspects_are_the_points_inside_another_part():
     mesh = _union()
     q = CpuQueries(mesh.vertices, mesh.faces)
-    tab = q.part_tables()
+    tab = part_tables(q)
     p = np.random.default_rng(0).uniform(-0.8, 0.8, (4000, 3))
     _, face = q.closest(p)
     sus = suspect_points(tab, torch.from_numpy(p), torch.from_numpy(face)).numpy()
@@ -240,7 +240,7 @@ def test_repair_signs_peels_a_wrong_patch():
 
 class _TorchCpuQueries(CpuQueries):
     """libigl queries behind the torch interface of the GPU back end (``closest_torch``), to run the device octree
-    of ``d3s2.data.sdf`` on the CPU."""
+    of ``d3s2.data.sdf_band`` on the CPU."""
 
     torch_device = __import__("torch").device("cpu")
 
@@ -253,14 +253,14 @@ class _TorchCpuQueries(CpuQueries):
 
 @pytest.mark.parametrize("device_winding", [False, True])
 def test_device_octree_part_rule_winding_routes_agree(monkeypatch, device_winding):
-    import d3s2.data.sdf as sdf_mod
+    import d3s2.data.sdf_band as band_mod
 
     if device_winding:  # every part-rule voxel goes to the back end's own winding number
-        monkeypatch.setattr(sdf_mod, "HOST_WINDING_MAX", 0)
+        monkeypatch.setattr(band_mod, "HOST_WINDING_MAX", 0)
     mesh = _union()
     q = CpuQueries(mesh.vertices, mesh.faces)
-    want = sdf_mod.narrow_band(q, 32, 0.12, sign_method="parts")
-    got = sdf_mod.narrow_band(_TorchCpuQueries(mesh.vertices, mesh.faces), 32, 0.12, sign_method="parts")
+    want = band_mod.narrow_band(q, 32, 0.12, sign_method="parts")
+    got = band_mod.narrow_band(_TorchCpuQueries(mesh.vertices, mesh.faces), 32, 0.12, sign_method="parts")
     assert np.array_equal(want.coords, got.coords) and np.array_equal(want.distance, got.distance)
     assert got.stats["suspect_voxels"] > 0
     assert ("winding_backend" in got.stats) == device_winding

@@ -1,4 +1,4 @@
-"""Pseudo-normal sign (d3s2.data.pseudo_normal, sign="pseudonormal"/"auto" of d3s2.data.sdf), the device-side octree
+"""Pseudo-normal sign (d3s2.geometry.pseudo_normal, sign="pseudonormal"/"auto" of d3s2.data.sdf), the device-side octree
 (run on the CPU through warp's CPU device) and the device-side sharp mask."""
 
 import numpy as np
@@ -10,12 +10,13 @@ torch = pytest.importorskip("torch")
 
 from test_data_sdf_reference import brute_force_sdf, point_triangle_distance  # noqa: E402
 
-from d3s2.data.backends import CpuQueries  # noqa: E402
 from d3s2.data.mesh_io import NormalizeTransform  # noqa: E402
-from d3s2.data.pseudo_normal import build_tables, closest_point_on_triangles, pseudo_normal_sign  # noqa: E402
-from d3s2.data.sdf import DEFAULT_SIGN, mesh_to_sparse_sdf, narrow_band, signed_distance  # noqa: E402
+from d3s2.data.sdf import DEFAULT_SIGN, mesh_to_sparse_sdf, signed_distance  # noqa: E402
+from d3s2.data.sdf_band import narrow_band  # noqa: E402
 from d3s2.data.sharp import sharp_edges, sharp_voxel_mask  # noqa: E402
 from d3s2.errors import D3S2Error  # noqa: E402
+from d3s2.geometry.pseudo_normal import build_tables, closest_point_on_triangles, pseudo_normal_sign  # noqa: E402
+from d3s2.geometry.queries import CpuQueries  # noqa: E402
 
 IDENTITY = NormalizeTransform(1.0)
 BOX1 = (np.zeros(3), np.array([0.4, 0.25, 0.25]))

@@ -48,8 +48,8 @@ def duck():
 
 
 def _render(mesh, size=64):
-    from d3s2.data.cameras import Camera, fit_distance
     from d3s2.data.render import RenderSettings, Renderer, render_mesh_from_trimesh
+    from d3s2.geometry.cameras import Camera, fit_distance
 
     rm = render_mesh_from_trimesh(mesh)
     cam = Camera(elevation_deg=20.0, azimuth_deg=30.0, focal_mm=50.0,

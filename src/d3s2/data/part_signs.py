@@ -1,9 +1,9 @@
 """Where the pseudo-normal sign can be wrong on meshes made of several closed parts that interpenetrate (issue 25;
 the ``"parts"`` sign rule of ``d3s2.data.sdf``, which ``sign="auto"`` uses; paper Sec. 5.1, sign of the SDF of Eq. 1).
 
-The pseudo-normal sign of ``d3s2.data.pseudo_normal`` says "outside" whenever the point lies on the outer side of the
-surface at its closest point ``c``. That is the truth only where the surface at ``c`` is *exposed*: the winding number
-just outside it is 0 and just inside it is 1. Figures and CAD models are often unions of closed parts concatenated
+The pseudo-normal sign of ``d3s2.geometry.pseudo_normal`` says "outside" whenever the point lies on the outer side of
+the surface at its closest point ``c``. That is the truth only where the surface at ``c`` is *exposed*: the winding
+number just outside it is 0 and just inside it is 1. Figures and CAD models are often unions of closed parts concatenated
 without a boolean union; a point inside part A whose closest point lies on part B (B pokes into A) is then inside the
 object although B's normal points away from it. Such voxels are few (under 1% of the band) but sit right where the VAE
 learns the surface, and they punch holes and inner walls into the training targets.
@@ -44,8 +44,9 @@ import numpy as np
 import torch
 
 from d3s2.errors import D3S2Error
+from d3s2.geometry.queries import CpuQueries, winding_factory
 
-__all__ = ["PartTables", "face_parts", "buried_faces", "build_part_tables", "suspect_points"]
+__all__ = ["PartTables", "face_parts", "buried_faces", "build_part_tables", "part_tables", "suspect_points"]
 
 # 13 directions of a 26-DOP (axes, face diagonals, body diagonals): much tighter than a box around slanted parts
 _DIRS = np.array(
@@ -229,6 +230,19 @@ def build_part_tables(vertices: np.ndarray, faces: np.ndarray, winding_of, devic
     )
 
 
+def part_tables(queries, buried_test: bool = False) -> PartTables:
+    """Parts, part hulls and (``buried_test``) buried faces of the mesh of ``queries`` (a ``CpuQueries`` /
+    ``WarpQueries`` of ``d3s2.geometry.queries``), built once each and kept on the queries object; on the host for
+    libigl queries, on the query device otherwise (the buried-face winding numbers through ``winding_factory``)."""
+    cache = queries.__dict__.setdefault("_part_tables", {})
+    if buried_test not in cache:
+        device = "cpu" if isinstance(queries, CpuQueries) else queries.torch_device
+        cache[buried_test] = build_part_tables(
+            queries.V, queries.F, winding_factory(queries) if buried_test else None, device
+        )
+    return cache[buried_test]
+
+
 def _near_buried(tables: PartTables, points: torch.Tensor, face: torch.Tensor) -> torch.Tensor:
     """bool [N]: a buried face (of any part) lies within ``|x - a| + diam(f)`` of the point ``x`` (``f`` its closest
     face, ``a`` a corner of ``f``). If ``f`` crosses a sheet of its own part, a face of that sheet crossing ``f`` has a
@@ -244,8 +258,6 @@ def _near_buried(tables: PartTables, points: torch.Tensor, face: torch.Tensor) -
     cand = torch.nonzero(gap <= bound).squeeze(1)  # only these cross to the host
     if len(cand) == 0:
         return out
-    from d3s2.data.backends import CpuQueries
-
     b = bound[cand].cpu().numpy()
     try:
         q = CpuQueries(tables.buried_vertices, tables.buried_faces)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from d3s2.data.cameras import CameraSampling
+from d3s2.geometry.cameras import CameraSampling
 
 __all__ = ["PrepareConfig"]
 
@@ -26,7 +26,7 @@ class PrepareConfig:
     device: str | None = None  # None: SDF and renders on CUDA when present, else CPU
     sharp_angle: float = 30.0
     seed: int = 0
-    # the cameras default to the paper's (Sec. 5.1), as d3s2.data.cameras has them
+    # the cameras default to the paper's (Sec. 5.1), as d3s2.geometry.cameras has them
     up: str = CameraSampling.up
     elevation_deg: tuple[float, float] = CameraSampling.elevation_deg
     azimuth_deg: tuple[float, float] = CameraSampling.azimuth_deg

@@ -145,7 +145,7 @@ def process_item(src: str | Path, rel: str, out_dir: str | Path, cfg: PrepareCon
 def _render_item(src, rel: str, item_dir: Path, transform, cfg: PrepareConfig, device: str) -> None:
     import torch
 
-    from d3s2.data.cameras import CameraSampling, sample_cameras
+    from d3s2.geometry.cameras import CameraSampling, sample_cameras
     from d3s2.data.render import Renderer, RenderSettings, load_render_mesh, write_views
 
     cam_path = item_dir / "cameras.json"

@@ -1,6 +1,6 @@
 """CLAY-style watertight offset shell (paper Sec. 5.1: non-watertight meshes made watertight, after [49]).
 
-1. Unsigned distance of the mesh on the narrow band of a grid at ``shell_resolution`` (sparse, ``d3s2.data.sdf``).
+1. Unsigned distance of the mesh on the narrow band of a grid at ``shell_resolution`` (sparse, ``d3s2.data.sdf_band``).
 2. Voxels with ``udf < eps`` (default ``eps`` = one shell voxel, > half a voxel so no 6-connected path slips through
    the surface) block a flood fill from the grid border: what the fill reaches is outside.
 3. Marching cubes (scikit-image) at level 0 of ``f = udf - eps`` outside and ``-|udf - eps|`` elsewhere gives the
@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from d3s2.data.backends import make_queries
+from d3s2.data.sdf_band import narrow_band
 from d3s2.errors import D3S2Error
+from d3s2.geometry.queries import make_queries
 
 __all__ = ["offset_shell"]
 
@@ -25,8 +26,6 @@ def offset_shell(mesh, shell_resolution: int = 256, eps: float | None = None, ba
     """Watertight offset surface of a mesh normalised into [-1, 1]^3 (module docstring); returns a trimesh.Trimesh."""
     import trimesh
     from scipy import ndimage
-
-    from d3s2.data.sdf import narrow_band
 
     try:
         from skimage.measure import marching_cubes

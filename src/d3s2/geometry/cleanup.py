@@ -7,7 +7,7 @@ interior shells, decimation to an explicit face count, vertex normals.
   thin cavity that never reaches the outside). They are invisible but cost faces and break "solid" exports. We keep
   the components that some ray coming from outside the bounding sphere hits *first*: ``views`` pinhole cameras on a
   Fibonacci sphere around the mesh (distance 3 bounding radii, the sphere fills the image) rasterised with d3s2's
-  z-buffer (``d3s2.data.render.rasterize``: per pixel the nearest face = the first hit of that pixel's ray). A
+  z-buffer (``d3s2.geometry.raster.rasterize``: per pixel the nearest face = the first hit of that pixel's ray). A
   component no pixel of any view sees is removed. Limits: a visible component smaller than a pixel in every view, or
   visible only through openings narrower than a pixel, is removed too; raise ``views`` / ``image_size`` for those.
   Cost: one rasterisation per view (about 0.6 s per 256^2 view for 400k faces on a 2-core CPU; fast on CUDA).
@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from d3s2.errors import D3S2Error
+from d3s2.geometry.raster import rasterize
 
 __all__ = [
     "face_components", "edge_components", "drop_duplicate_faces", "remove_decimation_artifacts",
@@ -292,8 +293,6 @@ def visible_components(mesh, views: int = 32, image_size: int = 256, device: str
     np.ndarray, np.ndarray
 ]:
     """``(face_label [F], visible [K] bool)``: which components some ray from outside the bounding sphere hits first."""
-    from d3s2.data.render import rasterize
-
     label, k = face_components(mesh.faces, len(mesh.vertices))
     visible = np.zeros(k, dtype=bool)
     if k == 0:

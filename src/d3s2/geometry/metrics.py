@@ -114,7 +114,7 @@ def occupancy(mesh, points):
     """Inside test (generalised winding number > 1/2, libigl) of ``points`` [N, 3] for a mesh; bool numpy [N]."""
     import numpy as np
 
-    from d3s2.data.backends import CpuQueries
+    from d3s2.geometry.queries import CpuQueries
 
     if len(mesh.faces) == 0:
         return np.zeros(len(points), dtype=bool)

@@ -1,10 +1,11 @@
 """Preview images of ``d3s2 generate --preview``: the input image beside a shaded grey render of the generated mesh.
 
-The mesh is rendered with d3s2's own rasteriser (:mod:`d3s2.data.render`, plain PyTorch, CPU or CUDA) from an orbit
-camera in the frame the pipeline generates in (the normalised training frame, up +y). The default camera is the one
-of the bundled example images (elevation 20 deg, azimuth 45 deg, 50 mm), so for them the two panels show the same
-view; for other photos it is a fixed three-quarter view. Each panel is cropped to its object (alpha), padded to a
-square and composited on white, so both objects fill their panels alike. PNGs are written atomically.
+The mesh is rendered with d3s2's own renderer (:mod:`d3s2.data.render` on the rasteriser of
+:mod:`d3s2.geometry.raster`, plain PyTorch, CPU or CUDA) from an orbit camera in the frame the pipeline generates in
+(the normalised training frame, up +y). The default camera is the one of the bundled example images (elevation 20
+deg, azimuth 45 deg, 50 mm), so for them the two panels show the same view; for other photos it is a fixed
+three-quarter view. Each panel is cropped to its object (alpha), padded to a square and composited on white, so both
+objects fill their panels alike. PNGs are written atomically.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ __all__ = ["PreviewCamera", "render_mesh_view", "fit_panel", "compose_preview", 
 
 @dataclass(frozen=True)
 class PreviewCamera:
-    """Orbit camera about the origin of the generation frame (conventions of :mod:`d3s2.data.cameras`)."""
+    """Orbit camera about the origin of the generation frame (conventions of :mod:`d3s2.geometry.cameras`)."""
 
     elevation_deg: float = 20.0
     azimuth_deg: float = 45.0
@@ -35,8 +36,8 @@ def render_mesh_view(mesh: Any, size: int = 384, camera: PreviewCamera = Preview
                      color: tuple[float, float, float] = (0.72, 0.72, 0.72)) -> np.ndarray:
     """RGBA uint8 ``[size, size, 4]`` of a mesh (anything with ``vertices`` / ``faces``), plain grey, Lambert
     shaded with a light near the camera; the camera distance fits the mesh's bounding sphere about the origin."""
-    from d3s2.data.cameras import Camera, fit_distance
     from d3s2.data.render import Renderer, RenderMesh, RenderPart, RenderSettings
+    from d3s2.geometry.cameras import Camera, fit_distance
 
     v = np.asarray(mesh.vertices, dtype=np.float32)
     f = np.asarray(mesh.faces, dtype=np.int64).reshape(-1, 3)

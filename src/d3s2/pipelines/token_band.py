@@ -35,7 +35,7 @@ def band_queries(vertices: np.ndarray, faces: np.ndarray, device: torch.device):
         except ImportError:
             warp = None
         if warp is not None:
-            from d3s2.data.backends import WarpQueries
+            from d3s2.geometry.queries import WarpQueries
 
             try:
                 # distances only: neither the pseudo-normal nor the (lazy) winding-number tables are built
@@ -47,7 +47,7 @@ def band_queries(vertices: np.ndarray, faces: np.ndarray, device: torch.device):
 
                 warnings.warn(f"warp queries failed on {device} ({type(exc).__name__}: {exc}); the 1024 band "
                               "falls back to libigl on the CPU", stacklevel=2)
-    from d3s2.data.backends import CpuQueries
+    from d3s2.geometry.queries import CpuQueries
 
     q = CpuQueries(vertices, faces)
     return lambda p, ub: torch.from_numpy(q.unsigned_distance(p.cpu().numpy(), upper_bound=ub)), torch.device("cpu")

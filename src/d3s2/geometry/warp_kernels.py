@@ -1,4 +1,4 @@
-"""warp kernels of ``d3s2.data.backends.WarpQueries`` (closest point / face, winding-number sign).
+"""warp kernels of ``d3s2.geometry.queries.WarpQueries`` (closest point / face, winding-number sign).
 
 Kept in a module without ``from __future__ import annotations``: warp reads the kernel annotations as types, and
 older warp releases cannot resolve them from strings.

@@ -4,7 +4,7 @@ The paper renders 45 views per mesh with elevation 10-40 deg, azimuth 0-180 deg 
 lengths are 35 mm-equivalent: the field of view follows from a 36 mm sensor width (square images, so the vertical field
 of view equals the horizontal one).
 
-Conventions (documented once, used everywhere in d3s2.data):
+Conventions (documented once, used by the dataset renders of d3s2.data and the previews of d3s2.pipelines):
 
 * World frame: the normalised mesh frame of d3s2.data (object in [-1, 1]^3, centred at the origin), up axis +y by
   default (glTF / trimesh convention; ``up="z"`` for z-up corpora).

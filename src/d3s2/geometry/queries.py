@@ -8,10 +8,10 @@
 
 Both answer the same questions so that the sparse-SDF code above them is written once:
 ``unsigned_distance(points, upper_bound)``, ``closest(points, upper_bound)`` (distance and closest face, for the
-pseudo-normal sign of ``d3s2.data.pseudo_normal``) and ``inside(points)`` (generalised winding number > 1/2).
-``WarpQueries`` also answers ``closest_torch`` on device tensors (the GPU narrow band of ``d3s2.data.sdf`` stays on the
-GPU). warp works in float32: its distances are recomputed in float64 from the closest face it found, so both back ends
-decide band membership (``d < tau``) on float64 distances.
+pseudo-normal sign of ``d3s2.geometry.pseudo_normal``) and ``inside(points)`` (generalised winding number > 1/2).
+``WarpQueries`` also answers ``closest_torch`` on device tensors (the GPU narrow band of ``d3s2.data.sdf_band`` stays
+on the GPU). warp works in float32: its distances are recomputed in float64 from the closest face it found, so both
+back ends decide band membership (``d < tau``) on float64 distances.
 Distances at or beyond ``upper_bound`` are returned as ``inf``: the band code only needs to know they are too far, and a
 bounded search is several times faster.
 """
@@ -130,21 +130,10 @@ class CpuQueries:
 
     def pseudo_normal_tables(self):
         if getattr(self, "_tables", None) is None:
-            from d3s2.data.pseudo_normal import build_tables
+            from d3s2.geometry.pseudo_normal import build_tables
 
             self._tables = build_tables(self.V, self.F, "cpu")
         return self._tables
-
-    def part_tables(self, buried_test: bool = False):
-        """Parts, part hulls and (``buried_test``) buried faces (``d3s2.data.part_signs``), built once each."""
-        cache = self.__dict__.setdefault("_part_tables", {})
-        if buried_test not in cache:
-            from d3s2.data.part_signs import build_part_tables
-
-            cache[buried_test] = build_part_tables(
-                self.V, self.F, winding_factory(self) if buried_test else None, "cpu"
-            )
-        return cache[buried_test]
 
     def winding_number(self, points: np.ndarray) -> np.ndarray:
         points = np.ascontiguousarray(points, dtype=np.float64).reshape(-1, 3)
@@ -170,7 +159,7 @@ def _torch_cuda() -> bool:
 
 
 def _warp_kernels():
-    from d3s2.data.warp_kernels import kernels
+    from d3s2.geometry.warp_kernels import kernels
 
     return kernels()
 
@@ -203,7 +192,6 @@ class WarpQueries:
         self.V = np.ascontiguousarray(vertices, dtype=np.float64)
         self.F = np.ascontiguousarray(faces, dtype=np.int64).reshape(-1, 3)
         self._tables = None
-        self._part_tables = {}
         self._mesh_tensors = None
         self._winding_mesh = None
         self.mesh = self._build_mesh(support_winding=False)
@@ -265,21 +253,10 @@ class WarpQueries:
     def pseudo_normal_tables(self):
         """Float64 mesh + pseudo-normal tables on the query device (built once)."""
         if self._tables is None:
-            from d3s2.data.pseudo_normal import build_tables
+            from d3s2.geometry.pseudo_normal import build_tables
 
             self._tables = build_tables(self.V, self.F, self.torch_device)
         return self._tables
-
-    def part_tables(self, buried_test: bool = False):
-        """Parts, part hulls and (``buried_test``) buried faces (``d3s2.data.part_signs``) on the query device, built
-        once each (the buried-face winding numbers through :func:`winding_factory`)."""
-        if buried_test not in self._part_tables:
-            from d3s2.data.part_signs import build_part_tables
-
-            self._part_tables[buried_test] = build_part_tables(
-                self.V, self.F, winding_factory(self) if buried_test else None, self.torch_device
-            )
-        return self._part_tables[buried_test]
 
     def mesh_tensors(self):
         """Float64 vertices [V, 3] and int64 faces [F, 3] on the query device: all that distances need (the
@@ -300,7 +277,7 @@ class WarpQueries:
         the distance to the face it found is recomputed in float64."""
         import torch
 
-        from d3s2.data.pseudo_normal import closest_point_on_triangles
+        from d3s2.geometry.pseudo_normal import closest_point_on_triangles
 
         wp = self._wp
         dev = self.torch_device
