@@ -82,6 +82,24 @@ def test_adaptive_pass_matches_the_tap_loop(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 8, 5, 7, 3), (2, 3, 4, 9, 6), (1, 16, 17, 3, 5)])
+def test_group_norm_ops_on_channels_last_volumes(shape, dtype):
+    x = _rand(shape, dtype, 8).contiguous(memory_format=torch.channels_last_3d)
+    assert not x.is_contiguous()
+    mean, m2, n = channel_stats(x, backend="triton")
+    rm, rq, _ = channel_stats(x, backend="reference")
+    assert torch.allclose(mean, rm, rtol=1e-6, atol=1e-6) and torch.allclose(m2, rq, rtol=1e-5, atol=1e-6)
+    scale, shift = _rand(shape[:2], torch.float64, 9, 1.0, 0.0), _rand(shape[:2], torch.float64, 10, 1.0, 0.0)
+    ref = norm_apply(x.contiguous(), scale, shift, True, backend="reference")
+    out = norm_apply(x, scale, shift, True, backend="triton")
+    assert out.stride() == x.stride()
+    _close(out, ref, dtype)
+    y = x.clone()
+    norm_apply(y, scale, shift, True, out=y, backend="triton")
+    _close(y, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_layers_take_the_kernels_and_match_the_release_formulas(dtype):
     norm = FP32GroupNorm(4, 16).to(DEV)
     with torch.no_grad():
@@ -94,6 +112,8 @@ def test_layers_take_the_kernels_and_match_the_release_formulas(dtype):
         a, b = x[:, :10].contiguous(), x[:, 10:].contiguous()
         parts = group_norm_silu_parts([a, b], norm, backend="triton")
         _close(torch.cat(parts, 1), ref, dtype)
+        cl = x.contiguous(memory_format=torch.channels_last_3d)
+        _close(group_norm_silu(cl, norm, backend="triton"), ref, dtype)
         raw = _rand((2, 27, 6, 5, 7), dtype, 7)
         want = adaptive_filter_reference(x, raw.clone(), passes=3)
         _close(adaptive_filter(x, raw.clone(), passes=3, backend="triton"), want, dtype)
@@ -104,6 +124,9 @@ def test_backend_choice_is_explicit_and_checked():
     assert resolve_volume_backend("auto", x) == ("triton" if x.is_cuda else "reference")
     assert resolve_volume_backend("auto", x.double()) == "reference"
     assert resolve_volume_backend("auto", x.transpose(2, 3)) == "reference"
+    cl = torch.zeros(1, 4, 3, 3, 3).contiguous(memory_format=torch.channels_last_3d)
+    assert resolve_volume_backend("auto", cl) == "reference"  # only ops that have channels-last kernels take it
+    assert resolve_volume_backend("auto", cl, channels_last=True) == ("triton" if cl.is_cuda else "reference")
     with pytest.raises(D3S2Error, match="unknown volume-op backend"):
         resolve_volume_backend("fast", x)
     with pytest.raises(D3S2Error, match="contiguous"):

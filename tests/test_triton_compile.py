@@ -123,6 +123,9 @@ def _volume_launches(dtype):
     channel_stats(x, backend="triton")
     norm_apply(x, torch.ones(1, 3, dtype=torch.float64), torch.zeros(1, 3, dtype=torch.float64), backend="triton")
     adaptive_pass(x, torch.rand(1, 27, 5, 6, 7, generator=g).to(dtype), backend="triton")
+    cl = x.contiguous(memory_format=torch.channels_last_3d)
+    channel_stats(cl, backend="triton")
+    norm_apply(cl, torch.ones(1, 3, dtype=torch.float64), torch.zeros(1, 3, dtype=torch.float64), backend="triton")
 
 
 COMPILE = textwrap.dedent('''
@@ -159,7 +162,7 @@ def test_every_launched_kernel_compiles_for_hopper_and_ampere(launches, tmp_path
                 "score_topk_kernel", "selection_fwd_kernel", "selection_fwd_grouped_kernel", "selection_bwd_dq_kernel",
                 "selection_bwd_dkdv_kernel", "gate_fwd_kernel", "gate_bwd_kernel", "bwd_delta_kernel",
                 "igemm_fwd_kernel", "igemm_wgrad_kernel", "_stats_kernel", "_apply_kernel",
-                "_adaptive_pass_kernel"}
+                "_adaptive_pass_kernel", "_stats_cl_kernel", "_apply_cl_kernel"}
     assert expected <= names, f"not launched: {expected - names}"
     path = tmp_path / "launches.json"
     path.write_text(json.dumps(entries, default=str))

@@ -135,6 +135,7 @@ def run_row(name: str, theirs, ours, coords: torch.Tensor, sdf: torch.Tensor, fe
         mc_module.measure = cap.measure
     vol = cap.volumes[0]
     del cap
+    print(f"# {name} {dtype}: their run {t_theirs:.1f} s", flush=True)
     with torch.inference_mode():
         if f is not None:
             fields, t_ours, m_ours = timed(lambda: refine_sdf_512(ours, c4, s, f, resolution=vol.shape[0],
@@ -142,6 +143,7 @@ def run_row(name: str, theirs, ours, coords: torch.Tensor, sdf: torch.Tensor, fe
         else:
             fields, t_ours, m_ours = timed(lambda: refine_signs_1024(ours, c4, s, resolution=vol.shape[0],
                                                                      level=level), dev)
+    print(f"# {name} {dtype}: our run {t_ours:.1f} s", flush=True)
     extra = {"resolution": int(vol.shape[0]), "band_voxels": int(len(coords)), "explicit_voxels":
              int(len(fields[0].coords)), "seconds_theirs": t_theirs, "seconds_ours": t_ours,
              "peak_gib_theirs": m_theirs, "peak_gib_ours": m_ours, "level": level, "level_note": level_note}

@@ -379,6 +379,15 @@ def refined_sign_grid(net, coords: torch.Tensor, sdf: torch.Tensor, *, resolutio
     return signs
 
 
+_CHUNK = 1 << 24  # rows per fill-value look-up (bounds its int64 temporaries)
+
+
+def _flat_keys(c: torch.Tensor, R: int) -> torch.Tensor:
+    """int64 ``(x * R + y) * R + z`` of ``[N, 3]`` coordinates of any integer dtype."""
+    k = c[:, 0].long() * (R * R)
+    return k.add_(c[:, 1].long() * R).add_(c[:, 2])
+
+
 def _explicit_off_band(mixed: torch.Tensor, band: torch.Tensor, R: int, corner: torch.Tensor | None) -> torch.Tensor:
     """1024 voxels made explicit besides the band: the corners ``2m + {0,1,2}^3`` of every mixed 512 cell ``m``
     (``complete``: also the band's 26-neighbours, ``corner`` = {0,1,2}^3), minus the band voxels; int64 ``[E, 3]``
@@ -413,9 +422,10 @@ def _explicit_off_band(mixed: torch.Tensor, band: torch.Tensor, R: int, corner: 
             g[hn[:, 0], hn[:, 1], hn[:, 2]] = True
         hb = half[cls == p]
         g[hb[:, 0], hb[:, 1], hb[:, 2]] = False
-        a = torch.nonzero(g)
+        a = torch.nonzero(g).to(torch.int32)  # coordinates < 2^31: half the memory of nonzero's int64
         del g
-        out.append(2 * a + torch.tensor(px, device=a.device))
+        out.append(a.mul_(2).add_(torch.tensor(px, device=a.device, dtype=torch.int32)))
+        del a
     del M
     return torch.cat(out)
 
@@ -458,10 +468,17 @@ def refine_signs_1024(net, coords: torch.Tensor, sdf: torch.Tensor, *, resolutio
             del mixed
             field = RefinedField(band, bv, R, float(level), side, 2, 1.0, -1.0)
             if len(extra):
-                ev = field.fill_fn(extra).to(dtype)
-                allc, allv = torch.cat([band, extra]), torch.cat([bv, ev])
-                k = (allc[:, 0] * R + allc[:, 1]) * R + allc[:, 2]
+                # merged through int64 keys, never an [N + E, 3] copy before the last step: the off-band corners
+                # can outnumber the band several times (tens of millions at 1024)
+                ev = torch.cat([field.fill_fn(extra[i:i + _CHUNK]).to(dtype) for i in range(0, len(extra), _CHUNK)])
+                k = torch.cat([_flat_keys(band, R), _flat_keys(extra, R)])
+                del extra
                 o = torch.argsort(k)
-                field.coords, field.values = allc[o], allv[o]
+                k = k[o]
+                field.values = torch.cat([bv, ev])[o]
+                del o, ev
+                field.coords = torch.stack([torch.div(k, R * R, rounding_mode="floor"),
+                                            torch.div(k, R, rounding_mode="floor").remainder_(R), k.remainder_(R)], 1)
+                del k
             fields.append(field)
     return fields

@@ -75,6 +75,9 @@ class SignRefinerConfig:
     patch_size: int = 256
     patch_stride: int = 128
     resolution: int = 512
+    # CUDA only: run the UNet on channels-last 3-D activations (cuDNN's native fp16 layout: no two transposes per
+    # convolution; 256^3 patch 0.142 vs 0.162 s on an H200, 2.75 vs 3.75 GiB). Same function, other rounding.
+    channels_last: bool = True
 
 
 def check_config(cfg, where: str) -> None:
@@ -194,7 +197,10 @@ class SignRefiner(_Refiner):
         self.conv_out = nn.Conv3d(c, cfg.out_channels, 3, padding=1)
 
     def forward(self, sdf: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.conv_out(self.unet3d1(self._unet_in(sdf))))
+        x = self._unet_in(sdf)
+        if self.config.channels_last and x.is_cuda and x.dim() == 5:
+            x = x.contiguous(memory_format=torch.channels_last_3d)  # every later conv keeps the input's layout
+        return torch.sigmoid(self.conv_out(self.unet3d1(x)))
 
 
 # release component -> (d3s2 class, checkpoint file, dict key)

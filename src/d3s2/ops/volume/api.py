@@ -23,12 +23,14 @@ def _triton_available() -> bool:
     return True
 
 
-def resolve_volume_backend(backend: str, *tensors: torch.Tensor) -> str:
+def resolve_volume_backend(backend: str, *tensors: torch.Tensor, channels_last: bool = False) -> str:
     """``"triton"`` or ``"reference"`` for these tensors. ``auto``: Triton when they are contiguous CUDA tensors of
-    a kernel dtype (fp16 / bf16 / fp32) and Triton imports, else the reference (float64, CPU, strided views)."""
+    a kernel dtype (fp16 / bf16 / fp32) and Triton imports, else the reference (float64, CPU, strided views).
+    ``channels_last``: the op also has kernels for channels-last 3-D tensors (the GroupNorm ops do)."""
     if backend not in VOLUME_BACKENDS:
         raise D3S2Error(f"unknown volume-op backend {backend!r}: use 'auto', 'triton' or 'reference'")
-    fits = all(t.is_contiguous() and t.dtype in _KERNEL_DTYPES for t in tensors)
+    fits = all(t.dtype in _KERNEL_DTYPES and (t.is_contiguous() or (
+        channels_last and t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d))) for t in tensors)
     if backend == "auto":
         return "triton" if fits and all(t.is_cuda for t in tensors) and _triton_available() else "reference"
     if backend == "triton":
@@ -50,7 +52,7 @@ def channel_stats(x: torch.Tensor, backend: str = "auto") -> tuple[torch.Tensor,
         raise D3S2Error(f"channel_stats needs [B, C, ...] with spatial axes, got shape {tuple(x.shape)}")
     if x.numel() == 0:
         raise D3S2Error(f"channel_stats got an empty volume {tuple(x.shape)}")
-    if resolve_volume_backend(backend, x) == "triton":
+    if resolve_volume_backend(backend, x, channels_last=True) == "triton":
         from d3s2.ops.volume.kernels.group_norm import channel_stats_triton
 
         return channel_stats_triton(x)
@@ -66,7 +68,9 @@ def norm_apply(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, act: b
                         f"{tuple(shift.shape)}")
     if out is not None and (out.shape != x.shape or out.dtype != x.dtype):
         raise D3S2Error(f"norm_apply: out must be {tuple(x.shape)} {x.dtype}, got {tuple(out.shape)} {out.dtype}")
-    if x.numel() and resolve_volume_backend(backend, x, *([out] if out is not None else [])) == "triton":
+    same_layout = out is None or out.stride() == x.stride()
+    if x.numel() and same_layout and resolve_volume_backend(backend, x, *([out] if out is not None else []),
+                                                            channels_last=True) == "triton":
         from d3s2.ops.volume.kernels.group_norm import norm_apply_triton
 
         return norm_apply_triton(x, scale, shift, act, out)
