@@ -67,7 +67,7 @@ def _channel_stats(x: torch.Tensor, slab: int | None, backend: str = "auto") -> 
     """Per (sample, channel) mean and sum of squared deviations (fp64) and the voxel count: the Triton kernel of
     :func:`d3s2.ops.volume.channel_stats` where ``backend`` resolves to it (``slab`` unset), else fp32 ``var_mean``
     of depth slabs combined with Chan et al.'s pairwise update (one read of ``x``, no full-size fp32 copy)."""
-    if slab is None and resolve_volume_backend(backend, x) == "triton":
+    if slab is None and resolve_volume_backend(backend, x, channels_last=True) == "triton":
         return channel_stats(x, backend="triton")
     b, c = x.shape[:2]
     if slab is None and x.dtype in (torch.float32, torch.float64) and x.is_contiguous():
@@ -114,7 +114,8 @@ def _affine(parts: list[torch.Tensor], norm: nn.GroupNorm, slab: int | None,
 
 def _apply(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, act: bool, out: torch.Tensor | None,
            backend: str = "auto"):
-    if resolve_volume_backend(backend, x, *([out] if out is not None else [])) == "triton":
+    if (out is None or out.stride() == x.stride()) and resolve_volume_backend(
+            backend, x, *([out] if out is not None else []), channels_last=True) == "triton":
         return norm_apply(x, scale, shift, act, out, backend="triton")  # one fused pass
     shape = tuple(scale.shape) + (1,) * (x.dim() - 2)
     if out is None:

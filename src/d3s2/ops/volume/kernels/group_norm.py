@@ -15,16 +15,20 @@ import torch
 import triton
 import triton.language as tl
 
+from d3s2.errors import D3S2Error
+
 __all__ = ["channel_stats_triton", "norm_apply_triton", "is_channels_last"]
 
 STATS_BLOCK = 4096
 APPLY_BLOCK = 2048
+# block indices run on grid axis 0 (up to 2^31 - 1 programs); axis 1 (rows or samples) stops at 65535
+MAX_ROWS = 65535
 
 
 @triton.jit
 def _stats_kernel(X, MEAN, M2, N, NBLK, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    blk = tl.program_id(1)
+    row = tl.program_id(1).to(tl.int64)
+    blk = tl.program_id(0)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     x = tl.load(X + row * N + offs, mask=mask, other=0.0).to(tl.float32)
@@ -38,8 +42,8 @@ def _stats_kernel(X, MEAN, M2, N, NBLK, BLOCK: tl.constexpr):
 @triton.jit
 def _stats_cl_kernel(X, MEAN, M2, N, C, NBLK, C_PAD: tl.constexpr, BLOCK: tl.constexpr):
     # channels-last [B, N, C]: a [BLOCK, C_PAD] tile of voxels x channels per program
-    b = tl.program_id(0).to(tl.int64)
-    blk = tl.program_id(1)
+    b = tl.program_id(1).to(tl.int64)
+    blk = tl.program_id(0)
     v = blk * BLOCK + tl.arange(0, BLOCK)
     ch = tl.arange(0, C_PAD)
     mask = (v < N)[:, None] & (ch < C)[None, :]
@@ -54,8 +58,8 @@ def _stats_cl_kernel(X, MEAN, M2, N, C, NBLK, C_PAD: tl.constexpr, BLOCK: tl.con
 
 @triton.jit
 def _apply_cl_kernel(X, OUT, SCALE, SHIFT, NC, C, ACT: tl.constexpr, BLOCK: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    b = tl.program_id(1).to(tl.int64)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < NC
     x = tl.load(X + b * NC + offs, mask=mask, other=0.0)
     row = b * C + offs % C
@@ -70,8 +74,8 @@ def _apply_cl_kernel(X, OUT, SCALE, SHIFT, NC, C, ACT: tl.constexpr, BLOCK: tl.c
 
 @triton.jit
 def _apply_kernel(X, OUT, SCALE, SHIFT, N, ACT: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    row = tl.program_id(1).to(tl.int64)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     x = tl.load(X + row * N + offs, mask=mask, other=0.0)
     s = tl.load(SCALE + row)
@@ -89,10 +93,17 @@ def is_channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d)
 
 
+def _check_rows(b: int, c: int) -> None:
+    if b * c > MAX_ROWS:
+        raise D3S2Error(f"the volume kernels take at most {MAX_ROWS} samples x channels, got {b} x {c}; use "
+                        "backend='reference'")
+
+
 def channel_stats_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Per (sample, channel) mean and sum of squared deviations (float64 ``[B, C]``) and the count of ``x``
     ``[B, C, ...]`` (contiguous, or channels-last 3-D)."""
     b, c = x.shape[:2]
+    _check_rows(b, c)
     n = x.numel() // max(1, b * c)
     rows = b * c
     block = STATS_BLOCK
@@ -102,12 +113,12 @@ def channel_stats_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, i
         nblk = triton.cdiv(n, block)
         means = torch.empty(rows, nblk, dtype=torch.float32, device=x.device)
         m2s = torch.empty_like(means)
-        _stats_cl_kernel[(b, nblk)](x, means, m2s, n, c, nblk, C_PAD=c_pad, BLOCK=block)
+        _stats_cl_kernel[(nblk, b)](x, means, m2s, n, c, nblk, C_PAD=c_pad, BLOCK=block)
     else:
         nblk = triton.cdiv(n, block)
         means = torch.empty(rows, nblk, dtype=torch.float32, device=x.device)
         m2s = torch.empty_like(means)
-        _stats_kernel[(rows, nblk)](x, means, m2s, n, nblk, BLOCK=block)
+        _stats_kernel[(nblk, rows)](x, means, m2s, n, nblk, BLOCK=block)
     # built on the device: writing a Python number into a CUDA tensor is a host copy that waits for the stream
     counts = (n - torch.arange(nblk, dtype=torch.float64, device=x.device) * block).clamp_(max=block)
     bm = means.double()
@@ -121,14 +132,15 @@ def norm_apply_triton(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
     """``x * scale + shift`` (``[B, C]`` each, float32 arithmetic) in ``x.dtype``, SiLU when ``act``; ``out`` may
     be ``x``."""
     b, c = x.shape[:2]
+    _check_rows(b, c)
     n = x.numel() // max(1, b * c)
     if out is None:
         out = torch.empty_like(x)  # same layout as x
     s = scale.reshape(-1).to(torch.float32).contiguous()
     t = shift.reshape(-1).to(torch.float32).contiguous()
     if is_channels_last(x):
-        _apply_cl_kernel[(b, triton.cdiv(n * c, APPLY_BLOCK))](x, out, s, t, n * c, c, ACT=bool(act),
+        _apply_cl_kernel[(triton.cdiv(n * c, APPLY_BLOCK), b)](x, out, s, t, n * c, c, ACT=bool(act),
                                                               BLOCK=APPLY_BLOCK)
     else:
-        _apply_kernel[(b * c, triton.cdiv(n, APPLY_BLOCK))](x, out, s, t, n, ACT=bool(act), BLOCK=APPLY_BLOCK)
+        _apply_kernel[(triton.cdiv(n, APPLY_BLOCK), b * c)](x, out, s, t, n, ACT=bool(act), BLOCK=APPLY_BLOCK)
     return out
