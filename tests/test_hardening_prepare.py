@@ -94,3 +94,14 @@ def test_stale_temp_files_of_a_killed_run_are_removed_on_resume(corpus, tmp_path
     assert s.done == 1
     assert not any(p.exists() for p in stale)
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("sign", ["parts", "pseudonormal"])
+def test_every_sign_method_the_cli_offers_is_accepted(sign):
+    from dataclasses import replace
+
+    from d3s2.data.prepare_checks import check_prepare_config
+
+    check_prepare_config(replace(CFG, sign=sign))  # refused before: the check knew only auto / winding / shell
+    with pytest.raises(Exception, match="--sign must be auto, parts, winding, pseudonormal or shell"):
+        check_prepare_config(replace(CFG, sign="nope"))

@@ -61,8 +61,10 @@ def check_prepare_config(cfg) -> None:
         a = cfg.sharp_angle
         if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or not 0 <= a <= 180:
             _fail("--sharp-angle", "an angle in [0, 180] degrees", a)
-    if cfg.sign not in ("auto", "winding", "shell"):
-        _fail("--sign", "auto, winding or shell", cfg.sign)
+    from d3s2.data.sdf import SIGN_METHODS  # the SDF's own list: --sign offers every method it has
+
+    if cfg.sign not in SIGN_METHODS:
+        _fail("--sign", ", ".join(SIGN_METHODS[:-1]) + " or " + SIGN_METHODS[-1], cfg.sign)
     if cfg.sdf_backend not in ("auto", "cpu", "warp"):
         _fail("--sdf-backend", "auto, cpu or warp", cfg.sdf_backend)
     if cfg.up not in ("y", "z"):
