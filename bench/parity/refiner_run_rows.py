@@ -99,7 +99,8 @@ def _mesh_stats(field, theirs_mesh) -> dict:
 
 
 def run_row(name: str, theirs, ours, coords: torch.Tensor, sdf: torch.Tensor, feats: torch.Tensor | None,
-            dtype: torch.dtype, dev: torch.device, mc_module, sp, skip_their_mc: bool = False) -> dict:
+            dtype: torch.dtype, dev: torch.device, mc_module, sp, skip_their_mc: bool = False,
+            meshes_too: bool = True) -> dict:
     """One row: ``theirs`` an authors' refiner (its ``run``), ``ours`` d3s2's network of the same weights, both in
     ``dtype`` on ``dev``; ``coords`` [N, 3] of one sample; ``mc_module``: their unet_refiner module (its ``measure``
     is wrapped); ``sp``: their ``direct3d_s2.modules.sparse``."""
@@ -119,7 +120,7 @@ def run_row(name: str, theirs, ours, coords: torch.Tensor, sdf: torch.Tensor, fe
                                                     torch.tensor([0.1, 0.9])))
         if not lo <= level <= hi:
             level, level_note = round(float(vals.median()), 4), "median of the refined band (0.4 not crossed)"
-    cap = CaptureMC(mc_module.measure, skip=skip_their_mc)
+    cap = CaptureMC(mc_module.measure, skip=skip_their_mc or not meshes_too)
     mc_module.measure = cap
     try:
         if f is not None:
@@ -168,6 +169,14 @@ def run_row(name: str, theirs, ours, coords: torch.Tensor, sdf: torch.Tensor, fe
                 flips += int(((t != signs) & off).sum())
             extra["sign_flips_off_band"] = flips
             del signs
+    if not meshes_too:
+        extra["meshes"] = "not compared (--fields-only)"
+        r = row(f"{name} ({'SDF 512' if f is not None else 'signs 1024'}): whole run, field", err, dtype, dev,
+                **extra)
+        r["row_id"] = name
+        if dtype == torch.float32:
+            r["ok"] = bool(r["ok"] and extra.get("sign_flips_off_band", 0) == 0)
+        return r
     from d3s2.geometry.lewiner import lewiner_marching_cubes
     from d3s2.geometry.refine import field_from_grid
 
@@ -285,6 +294,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-their-mc", nargs="*", default=[], choices=list(ROWS),
                     help="rows whose authors' skimage marching cubes is replaced by d3s2's Lewiner of their grid "
                          "(minutes at 1024^3)")
+    ap.add_argument("--fields-only", action="store_true",
+                    help="compare the refined fields / signs only (no marching cubes on either side)")
     ap.add_argument("--smoke", action="store_true", help="tiny stand-ins instead of their code (CPU wiring check)")
     ap.add_argument("--out", default=os.environ.get("OUT", str(HERE.parents[1] / "bench" / "results")))
     args = ap.parse_args(argv)
@@ -341,7 +352,7 @@ def main(argv=None) -> int:
                 else:
                     theirs, ours, note = build_pair(key, which, 11, dt, dev)
                 r = run_row(name, theirs, ours, coords, sdf, feats, dt, dev, mc_module, sp,
-                            skip_their_mc=name in args.skip_their_mc)
+                            skip_their_mc=name in args.skip_their_mc, meshes_too=not args.fields_only)
                 if not args.smoke and note:
                     r["weights_note"] = note
                 del theirs, ours
