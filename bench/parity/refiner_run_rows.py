@@ -208,8 +208,11 @@ def run_row(name: str, theirs, ours, coords: torch.Tensor, sdf: torch.Tensor, fe
     return r
 
 
-def build_pair(key: str, which: str, seed: int, dtype: torch.dtype, dev: torch.device):
-    """Their refiner (``use_fp16`` for fp16, as released) and d3s2's, on the same random release weights."""
+def build_pair(key: str, which: str, seed: int, dtype: torch.dtype, dev: torch.device, sharpen: bool = True):
+    """Their refiner (``use_fp16`` for fp16, as released) and d3s2's, on the same random release weights;
+    ``sharpen``: scale the output layer so that the field crosses the level near the band (meshes to compare). The
+    SDF refiner's scale is about 1e5 on random weights: it multiplies every rounding difference by as much, so the
+    field rows are measured unsharpened (``--fields-only``)."""
     from official import full_params, get_class, random_state_dict
 
     from d3s2.models.refiner import load_refiner_checkpoint
@@ -218,7 +221,8 @@ def build_pair(key: str, which: str, seed: int, dtype: torch.dtype, dev: torch.d
     theirs = get_class(target)(**{**p, "use_fp16": dtype == torch.float16})
     sd = random_state_dict(get_class(target)(**{**p, "use_fp16": False}), seed)
     note = None
-    sd, note = (sharpen_sign_weights if which == "refiner_1024" else sharpen_sdf_weights)(sd, which, dev)
+    if sharpen:
+        sd, note = (sharpen_sign_weights if which == "refiner_1024" else sharpen_sdf_weights)(sd, which, dev)
     theirs.load_state_dict(sd, strict=True)
     ours = load_refiner_checkpoint({"refiner": sd}, which).to(dev, dtype).eval()
     return theirs.eval().to(dev), ours, note
@@ -350,7 +354,7 @@ def main(argv=None) -> int:
                     ours = (StandInSDF(16) if feats is not None else StandInSign(10)).to(dev, dt).eval()
                     theirs = _SmokeRun(ours, res, mc_module)
                 else:
-                    theirs, ours, note = build_pair(key, which, 11, dt, dev)
+                    theirs, ours, note = build_pair(key, which, 11, dt, dev, sharpen=not args.fields_only)
                 r = run_row(name, theirs, ours, coords, sdf, feats, dt, dev, mc_module, sp,
                             skip_their_mc=name in args.skip_their_mc, meshes_too=not args.fields_only)
                 if not args.smoke and note:
