@@ -146,3 +146,23 @@ def test_decimation_artifacts_pockets_and_slivers_removed(share):
     assert out.is_watertight and abs(out.volume - sphere.volume) < 1e-9
     # nothing to repair: unchanged
     assert len(remove_decimation_artifacts(sphere).faces) == len(sphere.faces)
+
+
+def test_clean_mesh_keeps_the_given_vertex_normals_of_what_it_keeps():
+    # the pipeline computes normals on the device; clean-up used to drop them and recompute trimesh's (seconds at 1024)
+    from d3s2.geometry.cleanup import clean_mesh, face_areas
+
+    outer, inner, far = _sphere(3, 1.0), _sphere(1, 0.2), _sphere(1, 0.2, (3.0, 0.0, 0.0))
+    m = _concat(outer, inner, far)
+    given = np.random.default_rng(0).normal(size=(len(m.vertices), 3))
+    given /= np.linalg.norm(given, axis=1, keepdims=True)
+    m = trimesh.Trimesh(m.vertices, m.faces, vertex_normals=given, process=False)
+    assert np.allclose(face_areas(m.vertices, m.faces), m.area_faces, rtol=1e-12, atol=1e-15)
+    out = clean_mesh(m, remove_enclosed=True)  # the inner sphere goes, the far one stays
+    assert len(out.faces) == len(outer.faces) + len(far.faces)
+    keep = np.ones(len(m.vertices), dtype=bool)
+    keep[len(outer.vertices):len(outer.vertices) + len(inner.vertices)] = False
+    assert np.allclose(out.vertex_normals, given[keep])
+    same = clean_mesh(trimesh.Trimesh(far.vertices, far.faces, vertex_normals=given[:len(far.vertices)],
+                                      process=False), remove_enclosed=True)
+    assert np.allclose(same.vertex_normals, given[:len(far.vertices)])

@@ -33,7 +33,7 @@ from d3s2.errors import D3S2Error
 from d3s2.geometry.raster import rasterize
 
 __all__ = [
-    "face_components", "edge_components", "drop_duplicate_faces", "remove_decimation_artifacts",
+    "face_areas", "face_components", "edge_components", "drop_duplicate_faces", "remove_decimation_artifacts",
     "remove_small_components",
     "visible_components",
     "remove_interior_shells",
@@ -54,14 +54,31 @@ def _trimesh():
     return trimesh
 
 
-def _submesh(mesh, keep_faces: np.ndarray):
-    """Mesh made of the faces where ``keep_faces`` is True, unused vertices dropped (vertex order kept)."""
+def _submesh(mesh, keep_faces: np.ndarray, whole_components: bool = False):
+    """Mesh made of the faces where ``keep_faces`` is True, unused vertices dropped (vertex order kept).
+    ``whole_components``: the kept faces are whole vertex-connected components, so every kept vertex keeps all its
+    faces and its normal; the source's normals are carried over (computing them for millions of faces takes
+    seconds, and the pipeline's come from the device)."""
     trimesh = _trimesh()
     faces = np.asarray(mesh.faces)[keep_faces]
     used = np.zeros(len(mesh.vertices), dtype=bool)
     used[faces.reshape(-1)] = True
     remap = np.cumsum(used) - 1
-    return trimesh.Trimesh(np.asarray(mesh.vertices)[used], remap[faces], process=False)
+    normals = np.asarray(mesh.vertex_normals)[used] if whole_components else None
+    return trimesh.Trimesh(np.asarray(mesh.vertices)[used], remap[faces], vertex_normals=normals, process=False)
+
+
+def face_areas(vertices, faces) -> np.ndarray:
+    """Area per face (float64), without trimesh's cached triangle arrays."""
+    v = np.asarray(vertices, dtype=np.float64)
+    f = np.asarray(faces, dtype=np.int64).reshape(-1, 3)
+    p0 = v[f[:, 0]]
+    a, b = v[f[:, 1]] - p0, v[f[:, 2]] - p0
+    del p0
+    cx = a[:, 1] * b[:, 2] - a[:, 2] * b[:, 1]
+    cy = a[:, 2] * b[:, 0] - a[:, 0] * b[:, 2]
+    cz = a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0]
+    return 0.5 * np.sqrt(cx * cx + cy * cy + cz * cz)
 
 
 def face_components(faces: np.ndarray, n_vertices: int) -> tuple[np.ndarray, int]:
@@ -171,13 +188,13 @@ def remove_small_components(mesh, min_faces: int = 0, min_area_fraction: float =
         return mesh.copy()
     label, k = face_components(mesh.faces, len(mesh.vertices))
     count = np.bincount(label, minlength=k)
-    area = np.bincount(label, weights=np.asarray(mesh.area_faces, dtype=np.float64), minlength=k)
+    area = np.bincount(label, weights=face_areas(mesh.vertices, mesh.faces), minlength=k)
     keep = (count >= min_faces) & (area >= min_area_fraction * area.sum())
     if min_volume_fraction > 0:
         vol = _component_volumes(mesh, label, k)
         keep &= vol >= min_volume_fraction * vol.max()
     keep[np.argmax(area)] = True
-    return _submesh(mesh, keep[label])
+    return _submesh(mesh, keep[label], whole_components=True)
 
 
 def enclosed_components(mesh, samples: int = 5, connectivity: str = "vertex",
@@ -199,11 +216,19 @@ def enclosed_components(mesh, samples: int = 5, connectivity: str = "vertex",
         return label, enclosed
     v = np.asarray(mesh.vertices, dtype=np.float64)
     f = np.asarray(mesh.faces, dtype=np.int64)
-    area = np.bincount(label, weights=np.asarray(mesh.area_faces, dtype=np.float64), minlength=k)
+    area = np.bincount(label, weights=face_areas(v, f), minlength=k)
     order = np.argsort(-area, kind="stable")
     # evenly spread vertices of each component's faces (as the reference), from one sort instead of K masks
     nv = max(len(v), 1)
-    pairs = np.unique(np.repeat(label, 3) * nv + f.reshape(-1))  # sorted by (component, vertex)
+    if connectivity == "vertex":  # a vertex lies in one component: (component, vertex) pairs by a stable sort
+        vlab = np.full(len(v), -1, dtype=np.int64)
+        vlab[f.reshape(-1)] = np.repeat(label, 3)
+        used = np.nonzero(vlab >= 0)[0]
+        pairs = vlab[used] * nv + used
+        pairs = pairs[np.argsort(vlab[used], kind="stable")]
+        del vlab, used
+    else:
+        pairs = np.unique(np.repeat(label, 3) * nv + f.reshape(-1))  # sorted by (component, vertex)
     bounds = np.searchsorted(pairs, np.arange(k + 1) * nv)
     face_order = np.argsort(label, kind="stable")
     face_bounds = np.searchsorted(label[face_order], np.arange(k + 1))
@@ -278,7 +303,7 @@ def remove_enclosed_components(mesh, samples: int = 5):
     label, enclosed = enclosed_components(mesh, samples)
     if not enclosed.any():
         return mesh.copy()
-    return _submesh(mesh, ~enclosed[label])
+    return _submesh(mesh, ~enclosed[label], whole_components=True)
 
 
 def _fibonacci_sphere(n: int) -> np.ndarray:
@@ -328,7 +353,7 @@ def remove_interior_shells(mesh, views: int = 32, image_size: int = 256, device:
     label, visible = visible_components(mesh, views, image_size, device)
     if not visible.any():  # cannot happen for a non-degenerate mesh; never return an empty mesh silently
         return mesh.copy()
-    return _submesh(mesh, visible[label])
+    return _submesh(mesh, visible[label], whole_components=True)
 
 
 def decimate(mesh, target_faces: int, aggressiveness: float = 7.0):
@@ -384,7 +409,7 @@ def clean_mesh(
     if remove_enclosed:
         label, enclosed = enclosed_components(out)
         if enclosed.any():
-            out = _submesh(out, ~enclosed[label])
+            out = _submesh(out, ~enclosed[label], whole_components=True)
     if min_faces > 0 or min_area_fraction > 0 or min_volume_fraction > 0:
         out = remove_small_components(out, min_faces, min_area_fraction, min_volume_fraction)
     if remove_interior:
@@ -392,6 +417,6 @@ def clean_mesh(
     if target_faces is not None and len(out.faces) > int(target_faces):
         out = remove_decimation_artifacts(decimate(out, target_faces), remove_enclosed)
     if out is mesh:  # nothing removed: a new object all the same (callers may edit it), normals kept
-        out = mesh.copy()
+        out = mesh.copy(include_cache=True)
     _ = out.vertex_normals  # computed (and cached by trimesh) so exports carry them
     return out

@@ -44,6 +44,16 @@ def crossing_winding_numbers(points, vertices, faces) -> tuple[np.ndarray, np.nd
     return w, amb
 
 
+def _face_range(c: np.ndarray, corners: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Per face the min and max of the vertex values ``c`` (1-D gathers and element-wise passes only)."""
+    a, b, d = (c[k] for k in corners)
+    lo = np.minimum(a, b)
+    np.minimum(lo, d, out=lo)
+    np.maximum(a, b, out=a)
+    np.maximum(a, d, out=a)
+    return lo, a
+
+
 def _crossings(points, vertices, faces, rot) -> tuple[np.ndarray, np.ndarray]:
     p = np.asarray(points, dtype=np.float64).reshape(-1, 3)
     v = np.asarray(vertices, dtype=np.float64).reshape(-1, 3)
@@ -54,8 +64,8 @@ def _crossings(points, vertices, faces, rot) -> tuple[np.ndarray, np.ndarray]:
         return w, amb
     used = np.zeros(len(v), dtype=bool)
     used[f.reshape(-1)] = True
-    vid = np.nonzero(used)[0]  # only the mesh's own vertices: a small container of a big mesh stays cheap
-    v, f = v[vid], np.searchsorted(vid, f)
+    # only the mesh's own vertices: a small container of a big mesh stays cheap (a gather, not a search, for big ones)
+    v, f = v[used], (np.cumsum(used) - 1)[f]
     lo, hi = v.min(0), v.max(0)
     inside_box = np.all((p >= lo) & (p <= hi), axis=1)
     idx = np.nonzero(inside_box)[0]
@@ -65,15 +75,19 @@ def _crossings(points, vertices, faces, rot) -> tuple[np.ndarray, np.ndarray]:
     q = (p[idx] - centre) @ rot
     vr = (v - centre) @ rot  # rotated vertices; triangles are gathered per candidate only
     scale = float(np.abs(vr).max()) + 1e-300
-    ys, zs = vr[:, 1][f], vr[:, 2][f]  # [F, 3]
-    ymin, ymax = np.minimum(np.minimum(ys[:, 0], ys[:, 1]), ys[:, 2]), np.maximum(np.maximum(ys[:, 0], ys[:, 1]), ys[:, 2])
-    zmin, zmax = np.minimum(np.minimum(zs[:, 0], zs[:, 1]), zs[:, 2]), np.maximum(np.maximum(zs[:, 0], zs[:, 1]), zs[:, 2])
-    tmin = np.stack([ymin, zmin], 1)  # projected (y, z) boxes [F, 2]
+    # projected (y, z) boxes of the faces from contiguous columns: strided gathers and row reductions cost several
+    # times more on millions of faces
+    corners = [np.ascontiguousarray(f[:, i]) for i in range(3)]
+    ymin, ymax = _face_range(np.ascontiguousarray(vr[:, 1]), corners)
+    zmin, zmax = _face_range(np.ascontiguousarray(vr[:, 2]), corners)
+    del corners
     cell = max(float(max((ymax - ymin).max(), (zmax - zmin).max())), scale * 1e-9)
-    origin = tmin.min(0)
+    origin = np.array([ymin.min(), zmin.min()])
     ncol = int(np.floor((zmax.max() - origin[1]) / cell)) + 3
-    tc = np.floor((tmin - origin) / cell).astype(np.int64)  # each box spans at most 2 x 2 cells from here
-    tkey = tc[:, 0] * ncol + tc[:, 1]
+    del ymax, zmax
+    # each box spans at most 2 x 2 cells from its lower corner's cell
+    tkey = np.floor((ymin - origin[0]) / cell).astype(np.int64) * ncol + np.floor((zmin - origin[1]) / cell).astype(np.int64)
+    del ymin, zmin
     order = np.argsort(tkey, kind="stable")
     skey = tkey[order]
     pc = np.floor((q[:, 1:] - origin) / cell).astype(np.int64)
