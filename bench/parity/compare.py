@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-BOUNDS = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+BOUNDS = {torch.float64: 1e-4, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
 def rel_err(ours: torch.Tensor, theirs: torch.Tensor) -> dict:

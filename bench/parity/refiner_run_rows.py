@@ -149,15 +149,16 @@ def run_row(name: str, theirs, ours, coords: torch.Tensor, sdf: torch.Tensor, fe
              int(len(fields[0].coords)), "seconds_theirs": t_theirs, "seconds_ours": t_ours,
              "peak_gib_theirs": m_theirs, "peak_gib_ours": m_ours, "level": level, "level_note": level_note}
     field = fields[0]
+    cmp, npcmp = (torch.float64, np.float64) if dtype == torch.float64 else (torch.float32, np.float32)
     with torch.inference_mode():
         if f is not None:
-            grid = refined_sdf_grid(ours, c4, s, f, resolution=vol.shape[0])[0, 0].float().cpu()
-            err = rel_err(grid, torch.from_numpy(vol.astype(np.float32)))
+            grid = refined_sdf_grid(ours, c4, s, f, resolution=vol.shape[0])[0, 0].to(cmp).cpu()
+            err = rel_err(grid, torch.from_numpy(vol.astype(npcmp)))
             del grid
         else:
             cc = field.coords.cpu().numpy()
-            err = rel_err(field.values.float().cpu(), torch.from_numpy(vol[cc[:, 0], cc[:, 1], cc[:, 2]]
-                                                                       .astype(np.float32)))
+            err = rel_err(field.values.to(cmp).cpu(), torch.from_numpy(vol[cc[:, 0], cc[:, 1], cc[:, 2]]
+                                                                        .astype(npcmp)))
             signs = refined_sign_grid(ours, c4, s, resolution=vol.shape[0])[0].cpu().numpy()
             band = coords.long().cpu().numpy()
             flips = 0
@@ -174,7 +175,7 @@ def run_row(name: str, theirs, ours, coords: torch.Tensor, sdf: torch.Tensor, fe
         r = row(f"{name} ({'SDF 512' if f is not None else 'signs 1024'}): whole run, field", err, dtype, dev,
                 **extra)
         r["row_id"] = name
-        if dtype == torch.float32:
+        if dtype in (torch.float32, torch.float64):
             r["ok"] = bool(r["ok"] and extra.get("sign_flips_off_band", 0) == 0)
         return r
     from d3s2.geometry.lewiner import lewiner_marching_cubes
@@ -202,7 +203,7 @@ def run_row(name: str, theirs, ours, coords: torch.Tensor, sdf: torch.Tensor, fe
     r = row(f"{name} ({'SDF 512, level 0.4' if f is not None else 'signs 1024, level 0.2'}): whole run", err,
             dtype, dev, **extra)
     r["row_id"] = name
-    if dtype == torch.float32:
+    if dtype in (torch.float32, torch.float64):
         r["ok"] = bool(r["ok"] and extra.get("their_grid_mesh_ok", extra["mesh_ok"])
                        and extra.get("sign_flips_off_band", 0) == 0)
     return r
@@ -225,7 +226,10 @@ def build_pair(key: str, which: str, seed: int, dtype: torch.dtype, dev: torch.d
         sd, note = (sharpen_sign_weights if which == "refiner_1024" else sharpen_sdf_weights)(sd, which, dev)
     theirs.load_state_dict(sd, strict=True)
     ours = load_refiner_checkpoint({"refiner": sd}, which).to(dev, dtype).eval()
-    return theirs.eval().to(dev), ours, note
+    theirs = theirs.eval().to(dev)
+    if dtype == torch.float64:  # both sides in fp64: the formula alone, no rounding (their run takes the input's dtype)
+        theirs = theirs.double()
+    return theirs, ours, note
 
 
 def sharpen_sign_weights(sd: dict, which: str, dev: torch.device) -> tuple[dict, dict]:
@@ -292,8 +296,8 @@ def main(argv=None) -> int:
     ap.add_argument("--snapshot", default=str(HERE.parents[1] / ".snapshots" / "Direct3D-S2"))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
-    ap.add_argument("--dtypes", nargs="+", default=None, choices=["fp32", "fp16"],
-                    help="default: fp32, and fp16 on CUDA")
+    ap.add_argument("--dtypes", nargs="+", default=None, choices=["fp64", "fp32", "fp16"],
+                    help="default: fp32, and fp16 on CUDA; fp64: both sides in fp64 (the formula without rounding)")
     ap.add_argument("--radius", type=float, default=0.6, help="sphere radius of the band (world units)")
     ap.add_argument("--skip-their-mc", nargs="*", default=[], choices=list(ROWS),
                     help="rows whose authors' skimage marching cubes is replaced by d3s2's Lewiner of their grid "
@@ -324,7 +328,7 @@ def main(argv=None) -> int:
         from direct3d_s2.modules import sparse as sp
 
     dev = torch.device(args.device)
-    dtypes = [{"fp32": torch.float32, "fp16": torch.float16}[d] for d in (args.dtypes or
+    dtypes = [{"fp64": torch.float64, "fp32": torch.float32, "fp16": torch.float16}[d] for d in (args.dtypes or
                                                                          (["fp32", "fp16"] if dev.type == "cuda"
                                                                           else ["fp32"]))]
     results = []
