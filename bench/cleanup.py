@@ -48,6 +48,9 @@ def main(argv=None) -> int:
     import d3s2
     from d3s2.geometry.cleanup import clean_mesh
 
+    sys.path.insert(0, str(HERE))
+    from results_io import write_json
+
     rows = []
     for name, mesh in meshes().items():
         times, faces = [], None
@@ -68,12 +71,7 @@ def main(argv=None) -> int:
     doc = {"bench": "cleanup", "label": a.label, "machine": platform.processor() or platform.machine(),
            "cpus": os.cpu_count(), "python": platform.python_version(), "commit": commit + ("+dirty" if dirty else ""),
            "rows": rows, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    path = Path(a.out) / f"cleanup-{a.label}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, path)
-    print(f"wrote {path}")
+    print(f"wrote {write_json(Path(a.out) / f'cleanup-{a.label}.json', doc)}")
     return 0
 
 

@@ -26,6 +26,8 @@ sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE / "parity"))
 
+from results_io import write_json  # noqa: E402
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -106,12 +108,7 @@ def main(argv=None) -> int:
     res["explicit_voxels"] = int(len(fields[0].coords))
     res["forward_peak_gib_max"] = max(forward_peaks, default=0) / 2 ** 30
     print(json.dumps(res), flush=True)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"refiner_memory-{'h200' if 'H200' in res['card'] else dev.type}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=1))
-    os.replace(tmp, path)
+    write_json(Path(a.out) / f"refiner_memory-{'h200' if 'H200' in res['card'] else dev.type}.json", res)
     return 0
 
 

@@ -33,6 +33,8 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE / "parity"))
 
+from results_io import write_json  # noqa: E402
+
 from timing import timed  # noqa: E402
 
 
@@ -94,12 +96,8 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
     doc = {"card": name, "torch": torch.__version__, "tiny": args.tiny, "rows": rows,
            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"refiner_patch-{'h200' if 'H200' in name else dev.type}{'-tiny' if args.tiny else ''}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, path)
+    path = write_json(Path(args.out) / f"refiner_patch-{'h200' if 'H200' in name else dev.type}"
+                                       f"{'-tiny' if args.tiny else ''}.json", doc)
     print(f"wrote {path}")
     return 0
 

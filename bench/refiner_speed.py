@@ -27,6 +27,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE / "parity"))
+sys.path.insert(0, str(HERE))
+
+from results_io import write_json  # noqa: E402
 
 VARIANTS = {"ncdhw": (False, False), "ncdhw+benchmark": (False, True), "channels_last": (True, False),
             "channels_last+benchmark": (True, True)}
@@ -123,15 +126,11 @@ def main(argv=None) -> int:
     torch.backends.cudnn.benchmark = False
     tag = "h200" if "H200" in card else dev.type
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     doc = {"bench": "refiner_speed", "card": card, "torch": torch.__version__,
            "cudnn": torch.backends.cudnn.version() if dev.type == "cuda" else None, "tiny": a.tiny, "rows": rows,
            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    for path, text in ((out / f"refiner_speed-{tag}.json", json.dumps(doc, indent=1)),
-                       (out / f"refiner_speed-{tag}-profile.txt", "\n\n".join(tables))):
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+    write_json(out / f"refiner_speed-{tag}.json", doc)
+    write_json(out / f"refiner_speed-{tag}-profile.txt", None, text="\n\n".join(tables))
     print(f"wrote {out}")
     return 0
 
