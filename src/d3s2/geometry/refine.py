@@ -390,7 +390,7 @@ def _flat_keys(c: torch.Tensor, R: int) -> torch.Tensor:
 
 def _explicit_off_band(mixed: torch.Tensor, band: torch.Tensor, R: int, corner: torch.Tensor | None) -> torch.Tensor:
     """1024 voxels made explicit besides the band: the corners ``2m + {0,1,2}^3`` of every mixed 512 cell ``m``
-    (``complete``: also the band's 26-neighbours, ``corner`` = {0,1,2}^3), minus the band voxels; int64 ``[E, 3]``
+    (``complete``: also the band's 26-neighbours, ``corner`` = {0,1,2}^3), minus the band voxels; int32 ``[E, 3]``
     sorted per parity class. Built on one 512^3 bool grid per parity class of ``v = 2a + p`` (``p = 1``: only
     ``m = a``; ``p = 0``: ``m = a`` or ``a - 1`` along that axis), never a ``[cells, 27, 3]`` list: a sign field that
     changes in many cells (10M) made that 6 GB plus its sort."""

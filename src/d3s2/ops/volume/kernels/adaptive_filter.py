@@ -36,7 +36,7 @@ def _adaptive_pass_kernel(X, W, OUT, C, D, H, Wd, C_PAD: tl.constexpr, BLOCK: tl
         dz = t // 9 - 1
         dy = (t // 3) % 3 - 1
         dx = t % 3 - 1
-        w = tl.load(wbase + t * n + v, mask=vmask, other=0.0).to(tl.float32)
+        w = tl.load(wbase + n.to(tl.int64) * t + v, mask=vmask, other=0.0).to(tl.float32)  # 27 n > 2^31 at 436^3
         zz = z + dz
         yy = y + dy
         xx = x + dx

@@ -59,7 +59,7 @@ def _stats_cl_kernel(X, MEAN, M2, N, C, NBLK, C_PAD: tl.constexpr, BLOCK: tl.con
 @triton.jit
 def _apply_cl_kernel(X, OUT, SCALE, SHIFT, NC, C, ACT: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(1).to(tl.int64)
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # n * C passes 2^31 at 256^3 x 128
     mask = offs < NC
     x = tl.load(X + b * NC + offs, mask=mask, other=0.0)
     row = b * C + offs % C
