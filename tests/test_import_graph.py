@@ -30,7 +30,7 @@ PACKAGE = "d3s2"
 # Entries are package prefixes ("d3s2.sparse" covers d3s2.sparse and every module under it), except the root package
 # "d3s2" itself, which matches only d3s2/__init__.py (version string and the lazy public names, no imports).
 FLOORS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("d3s2", "d3s2.errors", "d3s2.config", "d3s2.fileio", "d3s2.hub_settings")),
+    ("base", ("d3s2", "d3s2.errors", "d3s2.config", "d3s2.fileio", "d3s2.hub_settings", "d3s2.triton_support")),
     ("sparse", ("d3s2.sparse",)),
     ("ops", ("d3s2.ops",)),
     ("nn", ("d3s2.nn",)),

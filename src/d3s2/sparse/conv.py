@@ -25,7 +25,6 @@ Triton's interpreter); ``"auto"`` (default) takes Triton for CUDA tensors when i
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from torch import nn
@@ -34,6 +33,7 @@ from d3s2.errors import D3S2Error
 from d3s2.sparse.neighbors import NeighborMap, build_neighbor_map, downsample_coords, kernel_offsets
 from d3s2.sparse.scatter import add_rows_
 from d3s2.sparse.tensor import SparseTensor, _Cache
+from d3s2.triton_support import check_triton_backend, triton_available
 
 __all__ = [
     "SparseConv3d", "sparse_conv3d", "neighbor_map", "downsample", "gather_gemm_scatter",
@@ -43,27 +43,14 @@ __all__ = [
 CONV_BACKENDS = ("auto", "triton", "reference")
 
 
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def resolve_conv_backend(backend: str, device: torch.device) -> str:
     """``"triton"`` or ``"reference"`` for tensors on ``device`` (``auto``: Triton on CUDA when it imports)."""
     if backend not in CONV_BACKENDS:
         raise D3S2Error(f"unknown sparse conv backend {backend!r}: use 'auto', 'triton' or 'reference'")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and _triton_available() else "reference"
+        return "triton" if device.type == "cuda" and triton_available() else "reference"
     if backend == "triton":
-        if not _triton_available():
-            raise D3S2Error("backend='triton' needs the triton package (pip install triton), or use backend='reference'")
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            # only checked, never used to choose: the choice stays the caller's
-            raise D3S2Error("backend='triton' on CPU tensors needs Triton's interpreter (TRITON_INTERPRET=1 set before "
-                            "importing d3s2); use backend='reference' on a CPU")
+        check_triton_backend(device.type == "cuda", "reference")
     return backend
 
 

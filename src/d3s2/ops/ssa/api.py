@@ -11,7 +11,6 @@ Nothing is read from the environment here.
 from __future__ import annotations
 
 import math
-import os
 from typing import Sequence
 
 import torch
@@ -20,6 +19,7 @@ from d3s2.errors import D3S2Error
 from d3s2.ops.ssa import reference as ref
 from d3s2.ops.ssa.layout import SSALayout
 from d3s2.sparse.pool import check_pool_divisor
+from d3s2.triton_support import check_triton_backend
 
 __all__ = ["spatial_sparse_attention", "mean_pool_blocks", "resolve_backend", "BRANCHES"]
 
@@ -32,10 +32,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         return "triton" if device.type == "cuda" else "blocked"
     if backend not in BACKENDS:
         raise D3S2Error(f"unknown SSA backend {backend!r}: use 'auto', 'triton', 'blocked' or 'reference'")
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        # only checked, never used to choose: the choice stays the caller's
-        raise D3S2Error("backend='triton' on CPU tensors needs Triton's interpreter (TRITON_INTERPRET=1 set before "
-                        "importing d3s2); use backend='blocked' (or 'auto') on a CPU")
+    if backend == "triton":
+        check_triton_backend(device.type == "cuda", "blocked")
     return backend
 
 

@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from d3s2.errors import D3S2Error
 from d3s2.ops.volume.reference import adaptive_pass_reference, channel_stats_reference, norm_apply_reference
+from d3s2.triton_support import check_triton_backend, triton_available
 
 __all__ = ["VOLUME_BACKENDS", "resolve_volume_backend", "channel_stats", "norm_apply", "adaptive_pass"]
 
 VOLUME_BACKENDS = ("auto", "triton", "reference")
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def resolve_volume_backend(backend: str, *tensors: torch.Tensor, channels_last: bool = False) -> str:
@@ -32,16 +23,11 @@ def resolve_volume_backend(backend: str, *tensors: torch.Tensor, channels_last: 
     fits = all(t.dtype in _KERNEL_DTYPES and (t.is_contiguous() or (
         channels_last and t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d))) for t in tensors)
     if backend == "auto":
-        return "triton" if fits and all(t.is_cuda for t in tensors) and _triton_available() else "reference"
+        return "triton" if fits and all(t.is_cuda for t in tensors) and triton_available() else "reference"
     if backend == "triton":
-        if not _triton_available():
-            raise D3S2Error("backend='triton' needs the triton package (pip install triton); or use 'reference'")
+        check_triton_backend(all(t.is_cuda for t in tensors), "reference")
         if not fits:
             raise D3S2Error("backend='triton' volume ops take contiguous fp16 / bf16 / fp32 tensors; use 'auto'")
-        if not all(t.is_cuda for t in tensors) and os.environ.get("TRITON_INTERPRET") != "1":
-            # only checked, never used to choose: the choice stays the caller's
-            raise D3S2Error("backend='triton' on CPU tensors needs Triton's interpreter (TRITON_INTERPRET=1 set "
-                            "before importing d3s2); use backend='reference' (or 'auto') on a CPU")
     return backend
 
 
