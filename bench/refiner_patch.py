@@ -38,21 +38,25 @@ from results_io import write_json  # noqa: E402
 from timing import timed  # noqa: E402
 
 
-def band_inputs(p: int, features: int):
+def patch_case(which: str, patch: int, dtype: torch.dtype, dev: torch.device):
+    """``(model, args, band_voxels)``: the release-shaped random refiner ``which`` on ``dev`` in ``dtype`` (seed 0,
+    built on the device) and its forward's inputs, one band patch of side ``patch`` (also used by refiner_speed.py)."""
     from refiner_rows import band_patch
 
-    return band_patch(p, features)
-
-
-def run_one(which: str, patch: int, dtype: torch.dtype, dev: torch.device, repeats: int) -> dict:
     from d3s2.models.refiner import build_refiner
 
     torch.manual_seed(0)
     with torch.device(dev):
         model = build_refiner(which).eval()
     model.to(dev, dtype)
-    sdf, feats, band = band_inputs(patch, 0 if which == "refiner_1024" else model.feature_channels)
-    args = [sdf.to(dev, dtype)] + ([feats.to(dev, dtype)] if feats is not None else [])
+    sdf, feats, band = band_patch(patch, 0 if which == "refiner_1024" else model.feature_channels)
+    return model, [sdf.to(dev, dtype)] + ([feats.to(dev, dtype)] if feats is not None else []), band
+
+
+def run_one(which: str, patch: int, dtype: torch.dtype, dev: torch.device, repeats: int) -> dict:
+    from d3s2.models.refiner import build_refiner
+
+    model, args, band = patch_case(which, patch, dtype, dev)
     times = []
     with torch.no_grad():
         for i in range(repeats + 1):

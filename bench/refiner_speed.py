@@ -73,9 +73,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--out", default=os.environ.get("OUT", str(HERE / "results")))
     a = ap.parse_args(argv)
-    from refiner_rows import band_patch
-
-    from d3s2.models.refiner import build_refiner
+    from refiner_patch import patch_case
 
     dev = torch.device(a.device)
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
@@ -83,12 +81,7 @@ def main(argv=None) -> int:
     card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
     for which, patch in (("refiner_512", 192), ("refiner_1024", 256)):
         p = 32 if a.tiny else patch
-        torch.manual_seed(0)
-        with torch.device(dev):
-            model = build_refiner(which).eval()
-        model.to(dev, dtype)
-        sdf, feats, _ = band_patch(p, 0 if which == "refiner_1024" else model.feature_channels)
-        base_args = [sdf.to(dev, dtype)] + ([feats.to(dev, dtype)] if feats is not None else [])
+        model, base_args, _ = patch_case(which, p, dtype, dev)
         ref, best = None, None
         for name, (cl, bench) in ((n, VARIANTS[n]) for n in a.variants):
             torch.backends.cudnn.benchmark = bench
