@@ -112,22 +112,6 @@ def _affine(parts: list[torch.Tensor], norm: nn.GroupNorm, slab: int | None,
     return scale, shift
 
 
-def _apply(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, act: bool, out: torch.Tensor | None,
-           backend: str = "auto"):
-    if (out is None or out.stride() == x.stride()) and resolve_volume_backend(
-            backend, x, *([out] if out is not None else []), channels_last=True) == "triton":
-        return norm_apply(x, scale, shift, act, out, backend="triton")  # one fused pass
-    shape = tuple(scale.shape) + (1,) * (x.dim() - 2)
-    if out is None:
-        out = torch.empty_like(x)
-    # computed in fp32 (fp64 for fp64 x), written in x.dtype (then SiLU in that dtype: the release casts before its SiLU)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    torch.addcmul(shift.to(acc).reshape(shape), x, scale.to(acc).reshape(shape), out=out)
-    if act:
-        F.silu(out, inplace=True)
-    return out
-
-
 @torch.no_grad()
 def group_norm_silu(x: torch.Tensor, norm: nn.GroupNorm, act: bool = True, out: torch.Tensor | None = None,
                     slab: int | None = None, backend: str = "auto") -> torch.Tensor:
@@ -138,7 +122,7 @@ def group_norm_silu(x: torch.Tensor, norm: nn.GroupNorm, act: bool = True, out: 
     :mod:`d3s2.ops.volume` (``auto``: its Triton kernels for contiguous CUDA tensors, both passes)."""
     if x.numel() == 0:
         return x.clone() if out is None else out
-    return _apply(x, *_affine([x], norm, slab, backend), act, out, backend)
+    return norm_apply(x, *_affine([x], norm, slab, backend), act, out, backend=backend)
 
 
 @torch.no_grad()
@@ -150,7 +134,7 @@ def group_norm_silu_parts(parts: list[torch.Tensor], norm: nn.GroupNorm, act: bo
     out, c0 = [], 0
     for p in parts:
         c1 = c0 + p.shape[1]
-        out.append(_apply(p, scale[:, c0:c1], shift[:, c0:c1], act, p, backend))
+        out.append(norm_apply(p, scale[:, c0:c1], shift[:, c0:c1], act, p, backend=backend))
         c0 = c1
     return out
 

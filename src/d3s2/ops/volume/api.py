@@ -60,8 +60,7 @@ def norm_apply(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, act: b
         from d3s2.ops.volume.kernels.group_norm import norm_apply_triton
 
         return norm_apply_triton(x, scale, shift, act, out)
-    y = norm_apply_reference(x, scale, shift, act)
-    return y if out is None else out.copy_(y)
+    return norm_apply_reference(x, scale, shift, act, out)
 
 
 def adaptive_pass(x: torch.Tensor, weights: torch.Tensor, backend: str = "auto") -> torch.Tensor:

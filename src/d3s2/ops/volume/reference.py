@@ -24,13 +24,17 @@ def channel_stats_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return mean, (flat - mean[..., None]).square().sum(-1), n
 
 
-def norm_apply_reference(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, act: bool) -> torch.Tensor:
+def norm_apply_reference(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, act: bool,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
     """``x * scale + shift`` per (sample, channel) computed in float32 (``scale`` / ``shift`` ``[B, C]``), written in
-    ``x.dtype``, then SiLU in that dtype when ``act`` (the release casts the normalised value before its SiLU)."""
+    ``x.dtype``, then SiLU in that dtype when ``act`` (the release casts the normalised value before its SiLU).
+    ``out`` (may be ``x``): where to write; no full-size float32 temporary either way."""
     shape = tuple(scale.shape) + (1,) * (x.dim() - 2)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    y = (x.to(acc) * scale.to(acc).reshape(shape) + shift.to(acc).reshape(shape)).to(x.dtype)
-    return F.silu(y) if act else y
+    if out is None:
+        out = torch.empty_like(x)
+    torch.addcmul(shift.to(acc).reshape(shape), x, scale.to(acc).reshape(shape), out=out)
+    return F.silu(out, inplace=True) if act else out
 
 
 def adaptive_pass_reference(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
