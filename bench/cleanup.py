@@ -68,8 +68,12 @@ def main(argv=None) -> int:
                             text=True).stdout.strip()
     dirty = bool(subprocess.run(["git", "-C", str(src), "status", "--porcelain", "src"], capture_output=True,
                                 text=True).stdout.strip())
+    import scipy
+    import trimesh
+
     doc = {"bench": "cleanup", "label": a.label, "machine": platform.processor() or platform.machine(),
-           "cpus": os.cpu_count(), "python": platform.python_version(), "commit": commit + ("+dirty" if dirty else ""),
+           "cpus": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
+           "trimesh": trimesh.__version__, "scipy": scipy.__version__, "commit": commit + ("+dirty" if dirty else ""),
            "rows": rows, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     print(f"wrote {write_json(Path(a.out) / f'cleanup-{a.label}.json', doc)}")
     return 0

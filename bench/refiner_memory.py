@@ -29,6 +29,14 @@ sys.path.insert(0, str(HERE / "parity"))
 from results_io import write_json  # noqa: E402
 
 
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true")
@@ -81,7 +89,8 @@ def main(argv=None) -> int:
         return out
 
     net.forward = forward
-    res = {"card": torch.cuda.get_device_name(dev) if cuda else "cpu", "resolution": R, "band_voxels": len(c4),
+    res = {"card": torch.cuda.get_device_name(dev) if cuda else "cpu", "torch": torch.__version__,
+           "triton": _triton_version(), "resolution": R, "band_voxels": len(c4),
            "tau_voxels": a.tau}
 
     def phase(name, fn):
